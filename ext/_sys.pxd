@@ -1,0 +1,87 @@
+# Kernel structs and the C declarations ext/_sys.pyx calls: nothing else.
+# Names Cython's own libc/posix .pxd files already declare are cimported in
+# _sys.pyx; this file holds the Linux-specific rest. Calls that share a name
+# with a function of the module's interface carry a c_ prefix.
+
+from libc.stdint cimport uint64_t
+
+
+cdef extern from "compat.h" nogil:
+    struct clone_args:
+        uint64_t flags
+        uint64_t pidfd
+        uint64_t child_tid
+        uint64_t parent_tid
+        uint64_t exit_signal
+        uint64_t stack
+        uint64_t stack_size
+        uint64_t tls
+        uint64_t set_tid
+        uint64_t set_tid_size
+        uint64_t cgroup
+
+    enum:
+        SYS_clone3
+        SYS_get_robust_list
+        SYS_set_robust_list
+        CLONE_CHILD_SETTID
+        CLONE_CHILD_CLEARTID
+        MAX_PID_NS_LEVEL
+
+        TIOCGPTN
+        TIOCSPTLCK
+        TIOCGPTPEER
+
+        IPC_RMID
+        SEM_STAT_ANY
+        SHM_STAT_ANY
+        MSG_STAT_ANY
+
+    ctypedef int key_t
+
+    # Only their sizes matter: *_STAT_ANY fills one of them.
+    struct semid_ds:
+        pass
+    struct shmid_ds:
+        pass
+    struct msqid_ds:
+        pass
+
+    int semget(key_t key, int nsems, int semflg)
+    int shmget(key_t key, size_t size, int shmflg)
+    int msgget(key_t key, int msgflg)
+    int semctl(int semid, int semnum, int cmd, ...)
+    int shmctl(int shmid, int cmd, shmid_ds *buf)
+    int msgctl(int msqid, int cmd, msqid_ds *buf)
+
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+
+
+cdef extern from "<sched.h>" nogil:
+    int c_unshare "unshare"(int flags)
+    int c_setns "setns"(int fd, int nstype)
+
+
+cdef extern from "<sys/mount.h>" nogil:
+    int c_mount "mount"(const char *source, const char *target, const char *filesystemtype,
+                        unsigned long mountflags, const void *data)
+
+
+cdef extern from "<sys/file.h>" nogil:
+    int c_flock "flock"(int fd, int operation)
+
+
+# CPython's own fork protocol: these run Python code, so they need the GIL.
+cdef extern from "Python.h":
+    void PyOS_BeforeFork()
+    void PyOS_AfterFork_Parent()
+    void PyOS_AfterFork_Child()

@@ -1,0 +1,27 @@
+"""idpin: get back exact pids, tids, SysV IPC ids and pty numbers.
+
+    with idpin.request(pid=1234):
+        pid = os.fork()          # 1234 in the parent; os.getpid() == 1234 in the child
+
+A request is per thread and one-shot per kind; the id is exactly right or the
+allocation raises IdBusyError. See README.md for the contract.
+"""
+from . import _sys
+from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
+from .request import Request, request
+from . import pids, tids, ipc, pty  # noqa: E402  (each registers its kind)
+from .pids import fork
+from .probe import Capability, probe
+from .interpose import stdlib as _stdlib
+
+__version__ = "0.1.0"
+__all__ = [
+    "Capability", "IdBusyError", "IdpinError", "Request", "RequestError",
+    "UnsupportedError", "fork", "ipc", "probe", "pty", "request",
+]
+
+for _name in ("Request", "request", "fork", "probe", "Capability"):
+    globals()[_name].__module__ = "idpin"
+
+_stdlib.install()
+del _name

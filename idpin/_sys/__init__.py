@@ -1,0 +1,72 @@
+"""The one home of every syscall idpin makes.
+
+Two backends implement one small interface: the Cython extension
+(``idpin._sys._cython``, built from ext/_sys.pyx) and its ctypes twin
+(``idpin._sys._ctypes``). This module exposes the chosen backend's functions
+as its own attributes; callers write ``_sys.clone3_fork(...)`` so that
+``use(name)`` (the test suite runs against both) takes effect everywhere.
+
+``IDPIN_BACKEND=ctypes`` forces the twin; ``IDPIN_BACKEND=cython`` makes a
+missing extension an ImportError instead of a fallback. Without the variable
+the extension is used when it was built, else the twin.
+"""
+import importlib
+import os
+
+from ._abi import *  # noqa: F401,F403  (constants are part of the interface)
+from ._glibc import tid_cache_offset  # noqa: F401
+
+INTERFACE = (
+    "BACKEND",
+    "clone3_fork",
+    "clone3_probe",
+    "prctl",
+    "unshare",
+    "setns",
+    "mount",
+    "flock",
+    "knob_write",
+    "knob_read",
+    "ipc_get",
+    "ipc_remove",
+    "ipc_stat_index",
+    "ipc_create_pinned",
+    "pty_index",
+    "pty_peer",
+    "ptmx_walk",
+)
+
+BACKENDS = ("cython", "ctypes")
+BACKEND = None
+load_error = None
+
+
+def _module_for(name):
+    if name not in BACKENDS:
+        raise ValueError("IDPIN_BACKEND must be one of %s, not %r" % (", ".join(BACKENDS), name))
+    return importlib.import_module("idpin._sys._" + name)
+
+
+def use(name):
+    """Make ``name`` ("cython" or "ctypes") the backend of every later call."""
+    module = _module_for(name)
+    missing = [attr for attr in INTERFACE if not hasattr(module, attr)]
+    if missing:
+        raise ImportError("idpin backend %r lacks %s" % (name, ", ".join(missing)))
+    globals().update({attr: getattr(module, attr) for attr in INTERFACE})
+
+
+def _load_default():
+    global load_error
+    forced = os.environ.get("IDPIN_BACKEND")
+    if forced:
+        use(forced)
+        return
+    try:
+        use("cython")
+    except ImportError as err:
+        load_error = err
+        use("ctypes")
+
+
+_load_default()

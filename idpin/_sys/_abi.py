@@ -1,0 +1,50 @@
+"""Kernel ABI numbers for x86-64 Linux that the stdlib does not export.
+
+Shared by both backends' Python side; ext/_sys.pxd takes the same values
+from the system headers.
+"""
+import errno
+
+SYS_clone3 = 435
+SYS_get_robust_list = 274
+SYS_set_robust_list = 273
+SYS_setns = 308
+SYS_unshare = 272
+
+CLONE_CHILD_CLEARTID = 0x00200000
+CLONE_CHILD_SETTID = 0x01000000
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_ARGS_SIZE_VER1 = 80  # the first size that carries set_tid; 64 ignores it
+MAX_PID_NS_LEVEL = 32
+
+PR_SET_DUMPABLE = 4
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+
+IPC_PRIVATE = 0
+IPC_CREAT = 0o1000
+IPC_EXCL = 0o2000
+IPC_RMID = 0
+SEM_STAT_ANY = 20
+SHM_STAT_ANY = 15
+MSG_STAT_ANY = 13
+
+# One code per IPC kind, shared by the backends' ipc_* calls.
+SEM, SHM, MSG = 0, 1, 2
+IPC_KIND_CODES = {"sem": SEM, "shm": SHM, "msg": MSG}
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+
+EBUSY = errno.EBUSY

@@ -1,0 +1,290 @@
+"""The ctypes twin of the Cython backend: the same small interface.
+
+It keeps idpin working where the extension was not built (IDPIN_BACKEND=ctypes
+forces it) and is the benchmarks' baseline for the Cython hot paths. Calls
+that must keep the GIL (the fork protocol, as CPython's own os.fork does) go
+through a PyDLL handle; the rest use a CDLL handle that releases it.
+Failures raise plain OSError from errno; idpin's layers above translate.
+"""
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+
+from . import _abi
+
+BACKEND = "ctypes"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_api = ctypes.pythonapi
+
+_raw_syscall = _libc.syscall
+_raw_syscall.restype = ctypes.c_long
+_fork_syscall = _libc_gil.syscall
+_fork_syscall.restype = ctypes.c_long
+
+for _name in ("PyOS_BeforeFork", "PyOS_AfterFork_Child", "PyOS_AfterFork_Parent"):
+    getattr(_api, _name).restype = None
+    getattr(_api, _name).argtypes = []
+
+
+class _CloneArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+            "stack_size", "tls", "set_tid", "set_tid_size", "cgroup",
+        )
+    ]
+
+
+def _oserror(call, detail=""):
+    code = ctypes.get_errno()
+    message = "%s: %s" % (call, os.strerror(code))
+    if detail:
+        message += " (%s)" % detail
+    return OSError(code, message)
+
+
+def _clone_args(set_tid, flags=0, child_tid=0):
+    tids = (ctypes.c_int * len(set_tid))(*set_tid)
+    args = _CloneArgs(
+        flags=flags,
+        child_tid=child_tid,
+        exit_signal=signal.SIGCHLD,
+        set_tid=ctypes.addressof(tids),
+        set_tid_size=len(set_tid),
+    )
+    return args, tids
+
+
+def _get_robust_list():
+    head = ctypes.c_void_p()
+    size = ctypes.c_size_t()
+    if _raw_syscall(ctypes.c_long(_abi.SYS_get_robust_list), ctypes.c_long(0),
+                    ctypes.byref(head), ctypes.byref(size)) != 0:
+        raise _oserror("get_robust_list")
+    return head, size
+
+
+def clone3_fork(set_tid, tid_offset):
+    """Fork with clone3(set_tid) following CPython's own fork protocol.
+
+    Returns 0 in the child and the child's pid in the parent. The GIL is held
+    throughout (PyDLL), as os.fork holds it across fork().
+    """
+    from ._glibc import pthread_self
+
+    tid_cache = pthread_self() + tid_offset
+    args, tids = _clone_args(
+        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID, tid_cache
+    )
+    head, size = _get_robust_list()
+    _api.PyOS_BeforeFork()
+    pid = _fork_syscall(ctypes.c_long(_abi.SYS_clone3), ctypes.byref(args),
+                        ctypes.c_size_t(ctypes.sizeof(args)))
+    if pid == 0:
+        # The kernel dropped the robust futex registration in the child.
+        _fork_syscall(ctypes.c_long(_abi.SYS_set_robust_list), head, size)
+        _api.PyOS_AfterFork_Child()
+        return 0
+    code = ctypes.get_errno()
+    _api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(code, "clone3(set_tid=%s): %s" % (list(set_tid), os.strerror(code)))
+    del tids
+    return pid
+
+
+def clone3_probe(set_tid):
+    """errno of a clone3(set_tid) that cannot create a child (set_tid in use).
+
+    The kernel checks range, then privilege, then whether the pid is free, so
+    a set_tid that is surely taken reports whether set_tid is permitted with
+    no side effect: EEXIST means permitted.
+    """
+    args, tids = _clone_args(set_tid)
+    pid = _fork_syscall(ctypes.c_long(_abi.SYS_clone3), ctypes.byref(args),
+                        ctypes.c_size_t(ctypes.sizeof(args)))
+    if pid == 0:
+        os._exit(0)
+    if pid > 0:
+        os.waitpid(pid, 0)
+        return 0
+    return ctypes.get_errno()
+
+
+def prctl(option, arg):
+    if _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0)) < 0:
+        raise _oserror("prctl", "option %d" % option)
+
+
+def unshare(flags):
+    if _libc.unshare(ctypes.c_int(flags)) != 0:
+        raise _oserror("unshare", hex(flags))
+
+
+def setns(fd, nstype):
+    if _libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)) != 0:
+        raise _oserror("setns")
+
+
+def mount(source, target, fstype, flags, data):
+    if _libc.mount(_bytes(source), _bytes(target), _bytes(fstype),
+                   ctypes.c_ulong(flags), _bytes(data)) != 0:
+        raise _oserror("mount", "%s on %s" % (source, target))
+
+
+def _bytes(value):
+    if value is None:
+        return None
+    return os.fsencode(value)
+
+
+def flock(fd, operation):
+    fcntl.flock(fd, operation)
+
+
+def knob_write(fd, value):
+    """pwrite at offset 0: a second plain write on a sysctl fd is ignored."""
+    data = b"%d" % value
+    if os.pwrite(fd, data, 0) != len(data):
+        raise OSError(errno.EIO, "short write of %d to a knob" % value)
+
+
+def knob_read(fd):
+    return int(os.pread(fd, 32, 0))
+
+
+_libc.semget.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+_libc.msgget.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_libc.msgctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+# A buffer comfortably larger than any of semid64_ds/shmid64_ds/msqid64_ds.
+_STAT_BUF = ctypes.create_string_buffer(256)
+
+
+def _ipc_get_raw(kind, key, arg, flags):
+    if kind == _abi.SEM:
+        return _libc.semget(key, arg, flags)
+    if kind == _abi.SHM:
+        return _libc.shmget(key, arg, flags)
+    return _libc.msgget(key, flags)
+
+
+def ipc_get(kind, key, arg, flags):
+    """semget(key, arg, flags), shmget(key, arg, flags) or msgget(key, flags)."""
+    got = _ipc_get_raw(kind, key, arg, flags)
+    if got < 0:
+        raise _oserror(("semget", "shmget", "msgget")[kind])
+    return got
+
+
+def _ipc_ctl(kind, id, cmd, buf):
+    if kind == _abi.SEM:
+        return _libc.semctl(ctypes.c_int(id), ctypes.c_int(0), ctypes.c_int(cmd), buf)
+    if kind == _abi.SHM:
+        return _libc.shmctl(id, cmd, buf)
+    return _libc.msgctl(id, cmd, buf)
+
+
+def ipc_remove(kind, id):
+    if _ipc_ctl(kind, id, _abi.IPC_RMID, None) < 0:
+        raise _oserror("IPC_RMID", "id %d" % id)
+
+
+def ipc_stat_index(kind, index):
+    """The full id of the object at this index, or -1 if the index is free."""
+    cmd = (_abi.SEM_STAT_ANY, _abi.SHM_STAT_ANY, _abi.MSG_STAT_ANY)[kind]
+    got = _ipc_ctl(kind, index, cmd, _STAT_BUF)
+    if got >= 0:
+        return got
+    if ctypes.get_errno() == errno.EINVAL:
+        return -1
+    raise _oserror("*_STAT_ANY", "index %d" % index)
+
+
+def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
+    """Arm the knob, create, and remove the object again if its id is wrong.
+
+    Returns the id the kernel gave: ``want``, or the id of an object that
+    existed only briefly (the kernel silently takes the next free index).
+    """
+    knob_write(knob_fd, want)
+    got = ipc_get(kind, key, arg, flags)
+    if got != want:
+        ipc_remove(kind, got)
+    return got
+
+
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def pty_index(fd):
+    index = ctypes.c_uint()
+    if _libc.ioctl(fd, _abi.TIOCGPTN, ctypes.byref(index)) != 0:
+        raise _oserror("TIOCGPTN")
+    return index.value
+
+
+def _pty_unlock(fd):
+    zero = ctypes.c_int(0)
+    if _libc.ioctl(fd, _abi.TIOCSPTLCK, ctypes.byref(zero)) != 0:
+        raise _oserror("TIOCSPTLCK")
+
+
+def pty_peer(master):
+    """Open the slave of ``master`` without a path lookup (TIOCGPTPEER)."""
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+    slave = _libc.ioctl(master, _abi.TIOCGPTPEER, ctypes.c_void_p(flags))
+    if slave < 0:
+        raise _oserror("TIOCGPTPEER")
+    return slave
+
+
+def ptmx_walk(path, wanted):
+    """Open ``path`` (a ptmx) until each index in sorted ``wanted`` is held.
+
+    devpts hands out the lowest free index, so lower indices are fillers held
+    open and closed at the end; an index above the next wanted one means that
+    one is busy. Returns (masters aligned with wanted, -1), or ((), busy index)
+    with every fd closed.
+    """
+    kept, fillers = [], []
+    busy = -1
+    try:
+        for want in wanted:
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+                index = pty_index(fd)
+                if index == want:
+                    kept.append(fd)
+                    break
+                if index > want:
+                    os.close(fd)
+                    busy = want
+                    break
+                fillers.append(fd)
+            if busy >= 0:
+                break
+        if busy < 0:
+            for fd in kept:
+                _pty_unlock(fd)
+    except BaseException:
+        _close_all(kept)
+        raise
+    finally:
+        _close_all(fillers)
+    if busy >= 0:
+        _close_all(kept)
+        return (), busy
+    return tuple(kept), -1
+
+
+def _close_all(fds):
+    for fd in fds:
+        os.close(fd)

@@ -1,0 +1,88 @@
+"""The one home of idpin's exception hierarchy.
+
+Every exception carries its subject as attributes and pickles, because
+restore workers send them across process boundaries (a child reports an
+IdBusyError to its parent over a pipe).
+"""
+import errno
+import os
+
+__all__ = ["IdpinError", "IdBusyError", "RequestError", "UnsupportedError"]
+
+
+class IdpinError(Exception):
+    """Base class of every error idpin raises on purpose."""
+
+
+class IdBusyError(IdpinError, OSError):
+    """The requested id is in use, or was taken by a process that raced the knob.
+
+    Raised by the allocation that would have consumed the request (or at the
+    end of the block, for an allocation idpin could only observe). Nothing is
+    left behind: a wrongly numbered child, object or pty has been undone.
+    ``errno`` is EBUSY; ``kind`` and ``id`` name what was asked for.
+    """
+
+    def __init__(self, kind, id, detail=None):
+        self.kind = kind
+        self.id = id
+        self.detail = detail
+        message = "%s %s is busy" % (kind, _format_id(id))
+        if detail:
+            message += ": " + detail
+        OSError.__init__(self, errno.EBUSY, message)
+
+    def __str__(self):
+        return "[Errno %d] %s" % (self.errno, self.strerror)
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.id, self.detail))
+
+
+class RequestError(IdpinError, ValueError):
+    """A request that can never be honoured: unknown kind, wrong type, out of range.
+
+    Raised before any side effect; the message names the kind and the valid range.
+    """
+
+    def __init__(self, message, kind=None):
+        self.kind = kind
+        ValueError.__init__(self, message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.kind))
+
+
+class UnsupportedError(IdpinError):
+    """This system cannot provide the mechanism (privilege, kernel version, knob).
+
+    The message says what is missing and the command that would fix it.
+    """
+
+    def __init__(self, message, kind=None):
+        self.kind = kind
+        Exception.__init__(self, message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.kind))
+
+
+def _format_id(id):
+    if isinstance(id, tuple):
+        return "(%s)" % ", ".join(str(i) for i in id)
+    return str(id)
+
+
+NEEDS_NAMESPACE_HINT = (
+    "run inside a user namespace that owns the namespaces, for example "
+    "'unshare --user --map-root-user --pid --ipc --mount --fork --mount-proc <command>', "
+    "or as root"
+)
+
+
+def strerror(code):
+    return os.strerror(code) if code else "no error"
+
+
+for _cls in (IdpinError, IdBusyError, RequestError, UnsupportedError):
+    _cls.__module__ = "idpin"

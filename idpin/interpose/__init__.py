@@ -1,0 +1,17 @@
+"""Routing of stdlib calls through idpin (see stdlib.py).
+
+ORIGINALS holds the real stdlib functions, captured before anything is
+patched: idpin's own mechanisms call these, never the routed versions.
+"""
+import os
+import pty
+import threading
+
+ORIGINALS = {
+    "os.fork": os.fork,
+    "os.forkpty": os.forkpty,
+    "os.openpty": os.openpty,
+    "pty.fork": pty.fork,
+    "pty.openpty": pty.openpty,
+    "threading.Thread.start": threading.Thread.start,
+}

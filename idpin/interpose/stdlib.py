@@ -1,0 +1,79 @@
+"""Routing of stdlib calls that allocate ids through idpin.
+
+While this thread has a request pending, os.fork, os.forkpty, os.openpty,
+pty.fork, pty.openpty and threading.Thread.start go through idpin; otherwise
+they cost one thread-local check (and wait only if another thread of this
+process holds a knob armed, which they would otherwise consume). The pty
+module's functions are routed themselves: they catch OSError from the os
+functions and fall back to another pty, which would swallow IdBusyError.
+"""
+import os
+import pty as stdlib_pty
+import threading
+
+from .. import pids, tids
+from .. import pty as idpin_pty
+from . import ORIGINALS
+from ..request import pending
+
+
+def fork():
+    return pids.fork()
+
+
+def forkpty():
+    if pending("pid") is None and pending("pty") is None:
+        return ORIGINALS["os.forkpty"]()
+    return idpin_pty.fork()
+
+
+def openpty():
+    return idpin_pty.openpty()
+
+
+def pty_fork():
+    if pending("pid") is None and pending("pty") is None:
+        return ORIGINALS["pty.fork"]()
+    return idpin_pty.fork()
+
+
+def pty_openpty():
+    if pending("pty") is None:
+        return ORIGINALS["pty.openpty"]()
+    return idpin_pty.openpty()
+
+
+def thread_start(self):
+    return tids.start_thread(self)
+
+
+for _routed, _original in ((fork, "os.fork"), (forkpty, "os.forkpty"), (openpty, "os.openpty"),
+                           (pty_fork, "pty.fork"), (pty_openpty, "pty.openpty"),
+                           (thread_start, "threading.Thread.start")):
+    _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.stdlib)." % _original
+    _routed.__wrapped__ = ORIGINALS[_original]
+
+ROUTES = {
+    (os, "fork"): fork,
+    (os, "forkpty"): forkpty,
+    (os, "openpty"): openpty,
+    (stdlib_pty, "fork"): pty_fork,
+    (stdlib_pty, "openpty"): pty_openpty,
+    (threading.Thread, "start"): thread_start,
+}
+
+
+def install():
+    for (owner, name), routed in ROUTES.items():
+        setattr(owner, name, routed)
+
+
+def uninstall():
+    """Put the stdlib functions back (tests of the routing use this)."""
+    for (owner, name), _ in ROUTES.items():
+        key = "%s.%s" % ("threading.Thread" if owner is threading.Thread else owner.__name__, name)
+        setattr(owner, name, ORIGINALS[key])
+
+
+def installed():
+    return os.fork is fork

@@ -1,0 +1,335 @@
+"""Chosen SysV IPC ids: semaphore sets, shared memory segments, message queues.
+
+The kernel offers one knob per kind and IPC namespace,
+/proc/sys/kernel/{sem,shm,msg}_next_id, holding the full id the next creation
+of that kind (by anyone) will get. It is namespace-wide, silently yields the
+next free index when the asked one is taken, cannot be cancelled (writing -1
+is EINVAL), and is not consumed by a creation that fails early. So:
+
+- a request block holds the IPC namespace lock from entry to exit with the
+  knob armed, after checking the index is free (a busy id raises IdBusyError
+  when the block is entered: the knob could not report it later);
+- routed creations (``semget``/``shmget``/``msgget`` here, ``create_many``)
+  re-arm, create and verify in one backend call, removing a wrongly numbered
+  object before raising;
+- creations idpin does not see (C code, the sysv_ipc package) consume the
+  armed knob; at block exit idpin checks the object got the id;
+- leaving a block never leaves a knob armed: an unconsumed value is consumed
+  by a throwaway object, removed at once;
+- every holder leaves the knobs idle before unlocking, so a value found armed
+  when the lock is taken was left by a holder that died mid-block (or by a
+  tool that does not take the lock); it is consumed before anything else.
+
+A creation by another process that bypasses idpin can still consume an armed
+knob: idpin detects it (the id differs) and raises IdBusyError; the kernel
+offers no way to prevent it.
+"""
+import collections
+
+from . import _sys, knobs
+from .errors import IdBusyError, RequestError
+from .request import Kind, active_requests, consume, enclosing_pending, pending, register_kind, validate_int
+
+IPC_PRIVATE = _sys.IPC_PRIVATE
+IPC_CREAT = _sys.IPC_CREAT
+IPC_EXCL = _sys.IPC_EXCL
+
+KINDS = ("sem", "shm", "msg")
+KNOB = {"sem": "sem_next_id", "shm": "shm_next_id", "msg": "msg_next_id"}
+CODE = _sys.IPC_KIND_CODES
+INT_MAX = 2**31 - 1
+_IDLE = -1
+
+_shift = None
+
+
+def ipc_shift():
+    """Bits of the index in an IPC id: 15, or 24 with the ipcmni_extend boot option."""
+    global _shift
+    if _shift is None:
+        try:
+            with open("/proc/cmdline") as f:
+                extended = "ipcmni_extend" in f.read().split()
+        except OSError:
+            extended = False
+        _shift = 24 if extended else 15
+    return _shift
+
+
+def index_of(id):
+    return id & ((1 << ipc_shift()) - 1)
+
+
+def _validator(kind):
+    def validate(value):
+        shift = ipc_shift()
+        return validate_int(
+            kind, value, 0, INT_MAX,
+            "index = id & %d below %d, seq = id >> %d" % ((1 << shift) - 1, 1 << shift, shift),
+        )
+
+    return validate
+
+
+def ipc_lock():
+    return knobs.namespace_lock("ipc", on_acquire=_consume_stale_knobs)
+
+
+def _consume_stale_knobs(lock):
+    for kind in KINDS:
+        if _sys.knob_read(lock.knob(KNOB[kind])) != _IDLE:
+            consume_knob(kind, lock)
+
+
+def consume_knob(kind, lock):
+    """Use up an armed knob with a throwaway object, removed at once."""
+    code = CODE[kind]
+    throwaway = _sys.ipc_get(code, IPC_PRIVATE, 1, IPC_CREAT | 0o600)
+    _sys.ipc_remove(code, throwaway)
+
+
+def _holder(kind, id):
+    """The id holding ``id``'s index, or -1."""
+    return _sys.ipc_stat_index(CODE[kind], index_of(id))
+
+
+def _busy_error(kind, id, holder):
+    return IdBusyError(kind, id, "index %d is held by %s id %d" % (index_of(id), kind, holder))
+
+
+# -- request blocks -------------------------------------------------------
+
+
+def arm(req, kind):
+    value = req.ids[kind]
+    lock = ipc_lock()
+    lock.acquire()
+    try:
+        holder = _holder(kind, value)
+        if holder != -1:
+            raise _busy_error(kind, value, holder)
+        knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], value)
+        req.armed[kind] = lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def disarm(req, kind):
+    lock = req.armed.pop(kind)
+    try:
+        if kind not in req.consumed:
+            _settle_unrouted(req, kind, lock)
+        outer = enclosing_pending(req, kind)
+        if outer is not None:
+            knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], outer)
+    finally:
+        lock.release()
+
+
+def _settle_unrouted(req, kind, lock):
+    value = req.ids[kind]
+    now = _sys.knob_read(lock.knob(KNOB[kind]))
+    if now == value:
+        consume_knob(kind, lock)
+        return
+    if now == _IDLE and _holder(kind, value) == value:
+        consume(req, kind, value)
+        return
+    if now != _IDLE:
+        consume_knob(kind, lock)
+        what = "%s was overwritten with %d by a process outside idpin's lock" % (KNOB[kind], now)
+    else:
+        what = (
+            "a creation consumed %s but no object has the id (a process outside "
+            "idpin's lock took the knob, or the id was taken meanwhile)" % KNOB[kind]
+        )
+    raise IdBusyError(kind, value, what)
+
+
+# -- routed creations -------------------------------------------------------
+
+
+def semget(key, nsems, flags):
+    """semget(2); inside ``request(sem=N)`` the new set gets id N or IdBusyError."""
+    return _get("sem", key, nsems, flags)
+
+
+def shmget(key, size, flags):
+    """shmget(2); inside ``request(shm=N)`` the new segment gets id N or IdBusyError."""
+    return _get("shm", key, size, flags)
+
+
+def msgget(key, flags):
+    """msgget(2); inside ``request(msg=N)`` the new queue gets id N or IdBusyError."""
+    return _get("msg", key, 0, flags)
+
+
+def remove(kind, id):
+    """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
+    _sys.ipc_remove(_code(kind), id)
+
+
+def _code(kind):
+    try:
+        return CODE[kind]
+    except KeyError:
+        raise RequestError("IPC kind must be one of %s, not %r" % (", ".join(KINDS), kind)) from None
+
+
+def _get(kind, key, arg, flags):
+    found = pending(kind)
+    if found is None or not _may_allocate(key, flags):
+        return _plain_get(kind, key, arg, flags)
+    req, value = found
+    got = create_pinned(kind, value, key, arg, flags)
+    if got is not None:
+        consume(req, kind, value)
+        return got
+    # The key existed and the caller did not ask for IPC_EXCL: a lookup, not
+    # an allocation; the request stays pending.
+    return _plain_get(kind, key, arg, flags)
+
+
+def _may_allocate(key, flags):
+    return key == IPC_PRIVATE or bool(flags & IPC_CREAT)
+
+
+def _plain_get(kind, key, arg, flags):
+    lock = knobs.existing_namespace_lock("ipc") if knobs.any_held() else None
+    if lock is not None and lock.held_by_another_thread():
+        with lock.excluding_other_threads():
+            return _sys.ipc_get(CODE[kind], key, arg, flags)
+    return _sys.ipc_get(CODE[kind], key, arg, flags)
+
+
+def create_pinned(kind, value, key, arg, flags):
+    """Create with id ``value``, or raise IdBusyError leaving no object.
+
+    IPC_EXCL is always added: a creation that finds an existing key must fail
+    rather than return that object's id (which would then look wrong and be
+    removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
+    """
+    lock = ipc_lock()
+    with lock.held():
+        try:
+            got = _sys.ipc_create_pinned(
+                lock.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
+            )
+        except FileExistsError:
+            if flags & IPC_EXCL:
+                raise
+            return None
+        finally:
+            _leave_knob_as_found(kind, lock)
+    if got != value:
+        raise IdBusyError(
+            kind, value,
+            "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
+        )
+    return got
+
+
+def _leave_knob_as_found(kind, lock):
+    # A creation that fails before allocating leaves the knob armed. Inside a
+    # request block that is the block's own armed state; otherwise consume it.
+    if kind in _armed_by_this_thread() or _sys.knob_read(lock.knob(KNOB[kind])) == _IDLE:
+        return
+    consume_knob(kind, lock)
+
+
+def _armed_by_this_thread():
+    armed = set()
+    for req in active_requests():
+        armed.update(req.armed)
+    return armed
+
+
+# -- batches ---------------------------------------------------------------
+
+Spec = collections.namedtuple("Spec", "kind id key size mode", defaults=(IPC_PRIVATE, 1, 0o600))
+Spec.__doc__ = """One object for create_many: kind ("sem", "shm", "msg"), the id it must get,
+its key (IPC_PRIVATE by default), size (semaphores in the set for sem, bytes for
+shm, ignored for msg) and permission bits."""
+
+
+def _as_spec(item):
+    if isinstance(item, Spec):
+        spec = item
+    elif isinstance(item, dict):
+        spec = Spec(**item)
+    else:
+        spec = Spec(*item)
+    if spec.kind not in KINDS:
+        raise RequestError(
+            "spec kind must be one of %s, not %r" % (", ".join(KINDS), spec.kind), kind=spec.kind
+        )
+    KIND_OBJECTS[spec.kind].validate(spec.id)
+    for field in ("key", "size", "mode"):
+        value = getattr(spec, field)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError("spec %s must be an int, not %r" % (field, value), kind=spec.kind)
+    if spec.mode & ~0o777:
+        raise RequestError("spec mode must be permission bits (0..0o777), not %o" % spec.mode)
+    return spec
+
+
+def _check_distinct(specs):
+    seen = {}
+    for spec in specs:
+        slot = (spec.kind, index_of(spec.id))
+        if slot in seen:
+            raise RequestError(
+                "%s ids %d and %d share index %d: only one can exist"
+                % (spec.kind, seen[slot], spec.id, slot[1]),
+                kind=spec.kind,
+            )
+        seen[slot] = spec.id
+
+
+def create_many(specs):
+    """Create many pinned objects under one lock acquisition, all or nothing.
+
+    ``specs`` is an iterable of Spec (or tuples/dicts with its fields).
+    Returns the ids in order. On any failure every object it created is
+    removed and no knob is left armed.
+    """
+    specs = [_as_spec(item) for item in specs]
+    _check_distinct(specs)
+    if not specs:
+        return []
+    lock = ipc_lock()
+    created = []
+    with lock.held():
+        try:
+            for spec in specs:
+                holder = _holder(spec.kind, spec.id)
+                if holder != -1:
+                    raise _busy_error(spec.kind, spec.id, holder)
+            for spec in specs:
+                created.append(_create_one(lock, spec))
+        except BaseException:
+            for kind, id in reversed(created):
+                _sys.ipc_remove(CODE[kind], id)
+            for kind in KINDS:
+                _leave_knob_as_found(kind, lock)
+            raise
+    return [id for _, id in created]
+
+
+def _create_one(lock, spec):
+    flags = IPC_CREAT | IPC_EXCL | spec.mode
+    got = _sys.ipc_create_pinned(
+        lock.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
+    )
+    if got != spec.id:
+        raise IdBusyError(
+            spec.kind, spec.id,
+            "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
+        )
+    return spec.kind, got
+
+
+KIND_OBJECTS = {kind: Kind(kind, _validator(kind), arm, disarm) for kind in KINDS}
+for _kind in KIND_OBJECTS.values():
+    register_kind(_kind)

@@ -1,0 +1,205 @@
+"""Knob files and the namespace lock.
+
+The kernel's "next id" knobs (ns_last_pid, {sem,shm,msg}_next_id) are per
+namespace, not per thread. idpin turns them into per-thread requests by
+holding a namespace-wide lock from the knob write until the allocating call
+has returned. The lock is flock(LOCK_EX) on the namespace file
+(/proc/self/ns/pid, /proc/self/ns/ipc) or, for ptys, on the devpts instance's
+root directory: the same nsfs inode through every proc mount, so it excludes
+across mounts, and the kernel drops it when its holder dies.
+
+Inside one process a mutex serialises the threads, and one open file
+description per namespace carries the flock. That description is never
+shared with a forked child: the child closes its copies (without unlocking,
+which would release the parent's lock) and starts afresh.
+"""
+import fcntl
+import os
+import threading
+
+from . import _sys
+from .errors import NEEDS_NAMESPACE_HINT, UnsupportedError
+
+_registry_lock = threading.Lock()
+_locks = {}
+_generation = 0
+# Locks some thread of this process holds: lets unpinned routed calls skip
+# every lookup while nothing is held.
+_held = set()
+
+
+def any_held():
+    return bool(_held)
+
+
+class NamespaceLock:
+    """The idpin lock of one namespace; reentrant per thread.
+
+    It keeps the namespace file open for its lifetime, which also keeps the
+    namespace alive, so its inode number (the registry key) is never reused
+    while this object exists, and knob fds cached here stay meaningful.
+    """
+
+    def __init__(self, path, label, on_acquire=None):
+        self.path = path
+        self.label = label
+        self._on_acquire = on_acquire
+        self._mutex = threading.RLock()
+        self._depth = 0
+        self._owner = None
+        self._knobs = {}
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def acquire(self):
+        self._mutex.acquire()
+        if self._depth == 0:
+            try:
+                _sys.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._mutex.release()
+                raise
+            self._owner = threading.get_ident()
+            _held.add(self)
+        self._depth += 1
+        if self._depth == 1 and self._on_acquire is not None:
+            try:
+                self._on_acquire(self)
+            except BaseException:
+                self.release()
+                raise
+
+    def release(self):
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            _held.discard(self)
+            _sys.flock(self._fd, fcntl.LOCK_UN)
+        self._mutex.release()
+
+    def held(self):
+        """Context manager that is a no-op on exit in a forked child."""
+        return _Held(self)
+
+    def held_by_this_thread(self):
+        return self._owner == threading.get_ident()
+
+    def held_by_another_thread(self):
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident()
+
+    def excluding_other_threads(self):
+        """Hold only the in-process mutex: no other thread of ours can arm a knob."""
+        return self._mutex
+
+    def knob(self, name):
+        """The fd of /proc/sys/kernel/<name>, opened once per namespace."""
+        fd = self._knobs.get(name)
+        if fd is None:
+            fd = open_knob(name)
+            self._knobs[name] = fd
+        return fd
+
+    def forget_in_child(self):
+        # The child holds copies of the parent's descriptions: closing them
+        # drops a reference; LOCK_UN would release the parent's lock.
+        for fd in [self._fd, *self._knobs.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Held:
+    __slots__ = ("lock", "generation")
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.generation = _generation
+        return self.lock
+
+    def __exit__(self, *exc):
+        if self.generation == _generation:
+            self.lock.release()
+        return False
+
+
+def open_knob(name):
+    path = "/proc/sys/kernel/" + name
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnsupportedError(
+            "%s does not exist: the kernel lacks CONFIG_CHECKPOINT_RESTORE "
+            "(or /proc is not mounted); use a kernel built with it" % path
+        ) from None
+    except PermissionError:
+        raise UnsupportedError(
+            "%s is not writable: it needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN "
+            "over the namespace; %s" % (path, NEEDS_NAMESPACE_HINT)
+        ) from None
+
+
+def write_knob(fd, name, value):
+    """Arm a knob; a refused write becomes an UnsupportedError with the fix."""
+    try:
+        _sys.knob_write(fd, value)
+    except PermissionError:
+        raise UnsupportedError(
+            "writing /proc/sys/kernel/%s was refused: it needs CAP_CHECKPOINT_RESTORE "
+            "or CAP_SYS_ADMIN over the namespace; %s" % (name, NEEDS_NAMESPACE_HINT)
+        ) from None
+
+
+def namespace_lock(kind, on_acquire=None):
+    """The lock of this process's current ``kind`` ("pid" or "ipc") namespace."""
+    return _lock_for("/proc/self/ns/" + kind, kind, on_acquire)
+
+
+def directory_lock(path, label, on_acquire=None):
+    """The lock on a directory (a devpts instance's root)."""
+    return _lock_for(path, label, on_acquire)
+
+
+def existing_namespace_lock(kind):
+    """The lock if this process has made one for its current namespace, else None."""
+    try:
+        st = os.stat("/proc/self/ns/" + kind)
+    except OSError:
+        return None
+    return _locks.get((kind, st.st_dev, st.st_ino))
+
+
+def _lock_for(path, label, on_acquire):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UnsupportedError(
+            "%s does not exist: mount /proc (or run with a private /proc, e.g. "
+            "'unshare --mount-proc')" % path
+        ) from None
+    key = (label, st.st_dev, st.st_ino)
+    lock = _locks.get(key)
+    if lock is None:
+        with _registry_lock:
+            lock = _locks.get(key)
+            if lock is None:
+                lock = NamespaceLock(path, label, on_acquire)
+                _locks[key] = lock
+    return lock
+
+
+def _forget_all_in_child():
+    global _generation, _registry_lock
+    _generation += 1
+    _registry_lock = threading.Lock()
+    for lock in list(_locks.values()):
+        lock.forget_in_child()
+    _locks.clear()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_child)
+

@@ -1,0 +1,222 @@
+"""Chosen pids.
+
+Two mechanisms, decided per fork:
+
+- ``clone3``: clone3() with set_tid, through CPython's fork protocol. Exact by
+  construction (the kernel refuses a taken pid with EEXIST) and lock-free, so
+  parallel workers fork truly in parallel. A raw clone3 skips glibc's fork
+  handlers, which is only safe while the process has one thread (KERNEL.md).
+- ``ns_last_pid``: glibc's fork with the namespace knob armed under the pid
+  namespace lock, for multi-threaded callers. The kernel silently gives the
+  next free pid when the asked one is taken, so the child checks its own pid
+  before running any caller code and exits if it is wrong; the parent kills
+  and reaps it and raises IdBusyError.
+"""
+import errno
+import os
+import signal
+
+from . import _sys, knobs
+from .errors import NEEDS_NAMESPACE_HINT, IdBusyError, RequestError, UnsupportedError
+from .interpose import ORIGINALS
+from .request import Kind, consume, pending, register_kind, validate_int
+
+PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
+MECHANISMS = ("clone3", "ns_last_pid")
+# Exit status of a knob-path child that was born with the wrong pid.
+WRONG_PID_EXIT = 125
+
+_clone3_missing = False
+
+
+def namespace_pid_max():
+    """pid_max of this process's pid namespace (per namespace since 6.14)."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return PID_MAX_LIMIT
+
+
+def validate_pid(value):
+    """An int, or a tuple of ints innermost first (clone3 set_tid order)."""
+    if isinstance(value, tuple):
+        if not 1 <= len(value) <= _sys.MAX_PID_NS_LEVEL:
+            raise RequestError(
+                "pid tuple must have 1..%d entries (one per pid namespace level, innermost "
+                "first), not %d" % (_sys.MAX_PID_NS_LEVEL, len(value)),
+                kind="pid",
+            )
+        inner = _validate_level(value[0], namespace_pid_max(), "this namespace's pid_max - 1")
+        outer = [_validate_level(v, PID_MAX_LIMIT, "PID_MAX_LIMIT - 1") for v in value[1:]]
+        return (inner, *outer)
+    return _validate_level(value, namespace_pid_max(), "this namespace's pid_max - 1")
+
+
+def _validate_level(value, pid_max, what):
+    return validate_int("pid", value, 1, pid_max - 1, what)
+
+
+def set_tid_of(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def thread_count():
+    """Threads of this process, as the kernel sees them (C threads included)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+def fork(pid=None, mechanism=None):
+    """Fork; the child gets ``pid`` (or this thread's pending pid request).
+
+    Returns 0 in the child and the child's pid in the parent, like os.fork.
+    ``mechanism`` forces "clone3" or "ns_last_pid" (default: decided per fork).
+    """
+    if mechanism is not None and mechanism not in MECHANISMS:
+        raise RequestError(
+            "mechanism must be one of %s or None, not %r" % (", ".join(MECHANISMS), mechanism),
+            kind="pid",
+        )
+    if pid is not None:
+        return pinned_fork(validate_pid(pid), mechanism)
+    found = pending("pid")
+    if found is None:
+        return plain_fork()
+    req, value = found
+    child = pinned_fork(value, mechanism)
+    consume(req, "pid", value)
+    return child
+
+
+def plain_fork():
+    """An unpinned fork that cannot consume a knob another thread armed."""
+    lock = knobs.existing_namespace_lock("pid") if knobs.any_held() else None
+    if lock is not None and lock.held_by_another_thread():
+        with lock.excluding_other_threads():
+            return ORIGINALS["os.fork"]()
+    return ORIGINALS["os.fork"]()
+
+
+def pinned_fork(value, mechanism=None):
+    set_tid = set_tid_of(value)
+    if choose_mechanism(set_tid, mechanism) == "clone3":
+        try:
+            return fork_clone3(value)
+        except _Clone3Missing:
+            if mechanism == "clone3" or len(set_tid) > 1:
+                raise UnsupportedError(
+                    "clone3 with set_tid is not available (Linux >= 5.5 is needed)", kind="pid"
+                ) from None
+    return fork_knob(set_tid[0])
+
+
+def choose_mechanism(set_tid, forced=None):
+    threads = thread_count()
+    if forced == "ns_last_pid" or (forced is None and (threads > 1 or _clone3_missing)):
+        if len(set_tid) > 1:
+            raise UnsupportedError(
+                "a pid for %d namespace levels needs clone3 with set_tid, which idpin uses "
+                "only in a single-threaded process (this one has %d threads; glibc's fork "
+                "handlers would not run); fork from a single-threaded process"
+                % (len(set_tid), threads),
+                kind="pid",
+            )
+        return "ns_last_pid"
+    if threads > 1:
+        raise UnsupportedError(
+            "the clone3 fork path needs a single-threaded process (this one has %d threads: "
+            "a raw clone3 child could deadlock in malloc); use mechanism=None or "
+            "'ns_last_pid'" % threads,
+            kind="pid",
+        )
+    return "clone3"
+
+
+class _Clone3Missing(Exception):
+    pass
+
+
+def fork_clone3(value):
+    global _clone3_missing
+    set_tid = set_tid_of(value)
+    try:
+        return _sys.clone3_fork(set_tid, _sys.tid_cache_offset())
+    except OSError as err:
+        if err.errno in (errno.ENOSYS, errno.E2BIG):
+            _clone3_missing = True
+            raise _Clone3Missing() from err
+        raise _translate_clone3_error(err, value) from err
+
+
+def _translate_clone3_error(err, value):
+    if err.errno == errno.EEXIST:
+        return IdBusyError(
+            "pid", value,
+            "in use (a live task or thread, a zombie not yet reaped, or a process group "
+            "or session id still in use)",
+        )
+    if err.errno == errno.EPERM:
+        return UnsupportedError(
+            "clone3 set_tid=%s was refused (EPERM): it needs CAP_CHECKPOINT_RESTORE or "
+            "CAP_SYS_ADMIN over every pid namespace level asked for; %s"
+            % (list(set_tid_of(value)), NEEDS_NAMESPACE_HINT),
+            kind="pid",
+        )
+    if err.errno == errno.EINVAL:
+        return RequestError(
+            "pid %s was refused by clone3 (EINVAL): each pid must be below its namespace's "
+            "pid_max, the tuple no longer than the pid namespace nesting + 1, and a new "
+            "pid namespace's first process must be pid 1" % (value,),
+            kind="pid",
+        )
+    return err
+
+
+def pid_in_use(pid):
+    """Whether a task (process, thread or zombie) has this pid here."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fork_knob(pid):
+    """glibc's fork with ns_last_pid = pid - 1 under the pid namespace lock."""
+    if pid_in_use(pid):
+        raise IdBusyError("pid", pid, "in use (found before forking)")
+    lock = knobs.namespace_lock("pid")
+    with lock.held():
+        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
+        child = ORIGINALS["os.fork"]()
+        if child == 0:
+            if os.getpid() != pid:
+                # Born with the wrong pid: run nothing of the caller's.
+                os._exit(WRONG_PID_EXIT)
+            return 0
+    if child != pid:
+        undo_child(child)
+        raise IdBusyError(
+            "pid", pid,
+            "a process outside idpin's lock took it between the knob write and the fork "
+            "(the child got pid %d and was killed)" % child,
+        )
+    return child
+
+
+def undo_child(child):
+    try:
+        os.kill(child, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(child, 0)
+
+
+register_kind(Kind("pid", validate_pid))

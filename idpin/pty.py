@@ -1,0 +1,177 @@
+"""Chosen pty numbers (/dev/pts/N).
+
+devpts has no knob: it always hands out the lowest free index of its
+instance, and TIOCGPTN only reads it. So idpin walks: under a flock on the
+instance's root directory it opens ptmx again and again, holding every fd,
+until TIOCGPTN reports N; the lower ones (fillers) are then closed. An index
+above N first means N is in use: everything is closed and IdBusyError raised.
+Several indices cost one walk (``open_many``), not one walk each.
+
+Only routed calls are honoured (``openpty``/``fork`` here, and os.openpty,
+os.forkpty, pty.openpty, pty.fork while a request is pending): an open of
+/dev/ptmx from C code cannot be steered without the seccomp supervisor.
+"""
+import collections
+import os
+import resource
+
+from . import _sys, knobs, pids
+from .errors import IdBusyError, RequestError, UnsupportedError
+from .interpose import ORIGINALS
+from .request import Kind, consume, pending, register_kind, validate_int
+
+PTMX = "/dev/ptmx"
+# fds the walk must leave free for the caller and for the interpreter itself.
+_FD_HEADROOM = 16
+
+Instance = collections.namedtuple("Instance", "ptmx root dev max")
+Instance.__doc__ = """A devpts instance: the ptmx path to open, its root directory (the lock),
+its device number and the highest number of ptys it allows."""
+
+
+def _unescape(field):
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def _devpts_mounts():
+    """(dev, root, mount point, super options) of every devpts mount."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "devpts":
+                continue
+            major, minor = (int(n) for n in fields[2].split(":"))
+            yield os.makedev(major, minor), _unescape(fields[3]), _unescape(fields[4]), fields[sep + 3]
+
+
+def _global_pty_max():
+    try:
+        with open("/proc/sys/kernel/pty/max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def find_instance(ptmx=PTMX):
+    """The devpts instance that opening ``ptmx`` allocates from."""
+    try:
+        st = os.stat(ptmx)
+    except FileNotFoundError:
+        raise UnsupportedError("%s does not exist: mount devpts and create ptmx" % ptmx) from None
+    mounts = list(_devpts_mounts())
+    # A ptmx inside a devpts (pts/ptmx, or a bind mount of it) belongs to that
+    # instance; the legacy /dev/ptmx node uses the devpts mounted at ./pts.
+    dev = st.st_dev if any(m[0] == st.st_dev for m in mounts) else None
+    if dev is None:
+        pts_dir = os.path.join(os.path.dirname(os.path.realpath(ptmx)), "pts")
+        try:
+            dev = os.stat(pts_dir).st_dev
+        except FileNotFoundError:
+            dev = None
+    for mdev, root, mount_point, options in mounts:
+        if mdev == dev and root == "/":
+            return Instance(ptmx, mount_point, dev, _instance_max(options))
+    raise UnsupportedError(
+        "no devpts instance found for %s: mount one, e.g. 'mount -t devpts -o "
+        "newinstance,ptmxmode=0666 devpts /dev/pts'" % ptmx
+    )
+
+
+def _instance_max(options):
+    limit = _global_pty_max()
+    for option in options.split(","):
+        if option.startswith("max="):
+            limit = min(limit, int(option[4:]))
+    return limit
+
+
+def validate_pty(value):
+    try:
+        highest = find_instance().max - 1
+    except UnsupportedError:
+        highest = _global_pty_max() - 1
+    return validate_int("pty", value, 0, highest, "the devpts instance's max - 1")
+
+
+def _check_fd_budget(highest):
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = highest + 1 + len(os.listdir("/proc/self/fd")) + _FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        raise UnsupportedError(
+            "reaching pty index %d holds %d descriptors open at once, above RLIMIT_NOFILE "
+            "(soft limit %d): raise it, e.g. 'ulimit -n %d' or "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ...)" % (highest, needed, soft, needed),
+            kind="pty",
+        )
+
+
+def open_many(indices, ptmx=PTMX):
+    """Open ptys with exactly these indices in one walk: {index: (master, slave)}.
+
+    The fds are close-on-exec, like os.openpty's. All or nothing: a busy index
+    raises IdBusyError and leaves no fd open and no index held.
+    """
+    wanted = sorted({validate_pty(index) for index in indices})
+    if len(wanted) != len(list(indices)):
+        raise RequestError("pty indices must be distinct: %r" % (list(indices),), kind="pty")
+    if not wanted:
+        return {}
+    _check_fd_budget(wanted[-1])
+    instance = find_instance(ptmx)
+    lock = knobs.directory_lock(instance.root, "pts")
+    with lock.held():
+        masters, busy = _sys.ptmx_walk(instance.ptmx, tuple(wanted))
+    if busy >= 0:
+        raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)
+    return _with_slaves(dict(zip(wanted, masters)))
+
+
+def _with_slaves(masters):
+    pairs = {}
+    try:
+        for index, master in masters.items():
+            pairs[index] = (master, _sys.pty_peer(master))
+    except BaseException:
+        for index, master in masters.items():
+            os.close(master)
+            if index in pairs:
+                os.close(pairs[index][1])
+        raise
+    return pairs
+
+
+def openpty():
+    """os.openpty, honouring this thread's pending pty request."""
+    found = pending("pty")
+    if found is None:
+        return ORIGINALS["os.openpty"]()
+    req, index = found
+    pair = open_many([index])[index]
+    consume(req, "pty", index)
+    return pair
+
+
+def fork():
+    """pty.fork / os.forkpty: (pid, master fd); the child runs on the slave.
+
+    Honours this thread's pending pty and pid requests. In the child the fd
+    returned is -1 (the stdlib's is closed, hence as invalid).
+    """
+    master, slave = openpty()
+    try:
+        pid = pids.fork()
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
+    if pid == 0:
+        os.close(master)
+        os.login_tty(slave)
+        return 0, -1
+    os.close(slave)
+    return pid, master
+
+
+register_kind(Kind("pty", validate_pty))

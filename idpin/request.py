@@ -1,0 +1,204 @@
+"""Per-thread request state and the ``idpin.request`` context manager.
+
+A request belongs to the thread that entered it and is one-shot per kind: the
+first allocation of that kind in the block consumes it; later ones are
+ordinary. Blocks nest: for a kind, the innermost block that names it decides,
+so a consumed inner request hides the outer one until the inner block ends.
+
+Each resource module registers its kind here with a validator, and, if the
+kind must also be honoured by creators idpin does not see (C code,
+third-party libraries), an ``arm``/``disarm`` pair run at block entry and exit.
+"""
+import os
+import threading
+
+from .errors import RequestError
+
+_local = threading.local()
+
+
+class Kind:
+    __slots__ = ("name", "validate", "arm", "disarm")
+
+    def __init__(self, name, validate, arm=None, disarm=None):
+        self.name = name
+        self.validate = validate
+        self.arm = arm
+        self.disarm = disarm
+
+
+KINDS = {}
+# Arming order is fixed so that locks are always taken in the same order.
+ORDER = ("pid", "tid", "sem", "shm", "msg", "pty")
+
+
+def register_kind(kind):
+    KINDS[kind.name] = kind
+
+
+class Request:
+    """What ``idpin.request(...)`` returns; ``consumed`` maps kind -> id obtained."""
+
+    def __init__(self, ids):
+        self.ids = ids
+        self.consumed = {}
+        self.armed = {}
+        self._state = "new"
+
+    def __repr__(self):
+        return "idpin.request(%s)" % ", ".join("%s=%r" % kv for kv in self.ids.items())
+
+    def __enter__(self):
+        if self._state != "new":
+            raise RuntimeError(
+                "%r was already entered; a request is one-shot: create a new one per block" % self
+            )
+        self._state = "active"
+        _stack().append(self)
+        armed = []
+        try:
+            for name in self._kinds_in_order():
+                kind = KINDS[name]
+                if kind.arm is not None:
+                    kind.arm(self, name)
+                    armed.append(kind)
+        except BaseException:
+            self._unwind(armed)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._state == "forked":
+            # This is a forked child's copy of the block: the knobs and locks
+            # belong to the parent, which leaves its own copy of the block.
+            return False
+        armed = [KINDS[name] for name in self._kinds_in_order() if KINDS[name].arm is not None]
+        error = self._unwind(armed)
+        if error is not None:
+            if exc is None:
+                raise error
+            _note(exc, "idpin: also, on leaving the block: %s" % error)
+        return False
+
+    def _kinds_in_order(self):
+        return [name for name in ORDER if name in self.ids]
+
+    def _unwind(self, armed):
+        """Disarm in reverse order; every kind is disarmed even if one fails."""
+        first_error = None
+        for kind in reversed(armed):
+            try:
+                kind.disarm(self, kind.name)
+            except BaseException as err:  # noqa: B902 - keep disarming the rest
+                if first_error is None:
+                    first_error = err
+        stack = _stack()
+        if stack and stack[-1] is self:
+            stack.pop()
+        elif self in stack:
+            stack.remove(self)
+        self._state = "done"
+        return first_error
+
+    def outer(self):
+        """The request this block is nested in, if any (same thread)."""
+        stack = _stack()
+        index = stack.index(self) if self in stack else len(stack)
+        return stack[index - 1] if index > 0 else None
+
+
+def _note(exc, text):
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+
+
+def _stack():
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+def request(**ids):
+    """Ask that this thread's next allocation of each kind get the given id.
+
+    Kinds: pid (int, or a tuple innermost first for nested pid namespaces),
+    tid, sem, shm, msg, pty. ``None`` means no request for that kind. Invalid
+    ids raise RequestError here, before any side effect.
+    """
+    wanted = {}
+    for name, value in ids.items():
+        if name not in KINDS:
+            raise RequestError(
+                "unknown kind %r: idpin.request takes %s" % (name, ", ".join(ORDER)), kind=name
+            )
+        if value is None:
+            continue
+        wanted[name] = KINDS[name].validate(value)
+    return Request(wanted)
+
+
+def pending(kind):
+    """(request, id) that this thread's next ``kind`` allocation must honour, or None."""
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        return None
+    for req in reversed(stack):
+        if kind in req.ids:
+            if kind in req.consumed:
+                return None
+            return req, req.ids[kind]
+    return None
+
+
+def enclosing_pending(req, kind):
+    """The id an outer block of this thread still wants for ``kind``, or None.
+
+    Used when an inner block that overrode ``kind`` ends: the knob must hold
+    the outer request's id again.
+    """
+    stack = getattr(_local, "stack", None) or []
+    if req not in stack:
+        return None
+    for outer in reversed(stack[: stack.index(req)]):
+        if kind in outer.ids:
+            return None if kind in outer.consumed else outer.ids[kind]
+    return None
+
+
+def consume(req, kind, value):
+    req.consumed[kind] = value
+
+
+def active_requests():
+    """This thread's active requests, outermost first (a copy)."""
+    return list(getattr(_local, "stack", ()))
+
+
+def _forget_in_child():
+    # A forked child is a new process: its copy of the parent's blocks does
+    # not own the parent's knobs or locks, and its own allocations ask for
+    # nothing unless it opens its own block.
+    stack = getattr(_local, "stack", None)
+    if stack:
+        for req in stack:
+            req._state = "forked"
+        _local.stack = []
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def validate_int(kind, value, low, high, what):
+    """An int in [low, high]; bool and other types are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(
+            "%s must be an int in %d..%d (%s), not %r" % (kind, low, high, what, value), kind=kind
+        )
+    if not low <= value <= high:
+        raise RequestError(
+            "%s %d is out of range: valid %ss are %d..%d (%s)" % (kind, value, kind, low, high, what),
+            kind=kind,
+        )
+    return value

@@ -1,0 +1,248 @@
+"""Run code in fresh namespaces, where exact ids can be asserted.
+
+``run_in_namespaces(fn, ...)`` forks; the child enters new user, pid, IPC
+and mount namespaces (mapping the caller's uid to root there), forks again so
+that ``fn`` runs as pid 1 with its own /proc and its own devpts instance
+(/dev/ptmx bound to it), and sends the outcome back pickled over a pipe. The
+caller gets fn's return value, or fn's exception re-raised with the child's
+traceback as a note. Nothing of the host is changed: every write (knobs,
+mounts) happens inside the new namespaces, which die with pid 1.
+
+By default it then checks that ``fn`` left nothing behind: no other process,
+no IPC object, no armed knob, no pty, no new fd, no idpin lock held.
+
+The test suite runs every test this way; users can call it to try their
+restore code without touching their system.
+"""
+import os
+import pickle
+import select
+import signal
+import time
+import traceback
+
+from . import _sys, knobs
+from .interpose import ORIGINALS
+
+NOBODY = 65534
+_NEW_NAMESPACES = _sys.CLONE_NEWUSER | _sys.CLONE_NEWPID | _sys.CLONE_NEWIPC | _sys.CLONE_NEWNS
+
+
+class ChildError(RuntimeError):
+    """The namespace child failed outside fn, or died without reporting."""
+
+
+def run_in_namespaces(fn, *args, uid=0, userns=True, backend=None, check_leaks=True,
+                      timeout=120.0, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as pid 1 of fresh namespaces; return its result.
+
+    uid: the host uid the child runs as before creating its user namespace
+    (0, or e.g. NOBODY for the unprivileged path; changing it needs root).
+    userns=False runs fn in a plain forked child with the host's namespaces,
+    for code that must see the host's refusals (only sensible with uid != 0).
+    backend: "cython" or "ctypes" to force idpin._sys's backend in the child.
+    """
+    read_end, write_end = os.pipe()
+    middle = ORIGINALS["os.fork"]()
+    if middle == 0:
+        os.close(read_end)
+        _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks)
+    os.close(write_end)
+    try:
+        outcome = _collect(read_end, middle, timeout)
+    finally:
+        os.close(read_end)
+    return _unpack(outcome)
+
+
+def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
+    status = 70
+    try:
+        if uid != os.getuid():
+            _become(uid)
+        if not userns:
+            _report(write_end, ("pid", os.getpid()))
+            _run_body(write_end, fn, args, kwargs, backend, check_leaks=False)
+            status = 0
+        else:
+            _enter_namespaces()
+            init = ORIGINALS["os.fork"]()
+            if init == 0:
+                _init(write_end, fn, args, kwargs, backend, check_leaks)
+            _report(write_end, ("pid", init))
+            _, wait_status = os.waitpid(init, 0)
+            status = os.waitstatus_to_exitcode(wait_status) & 0xFF
+    except BaseException as err:
+        _report(write_end, ("setup-error", "%s: %s" % (type(err).__name__, err), traceback.format_exc()))
+    finally:
+        os._exit(status)
+
+
+def _become(uid):
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    # Changing credentials clears "dumpable", which makes /proc/self/*_map
+    # root-owned: the child could not map itself in its user namespace.
+    _sys.prctl(_sys.PR_SET_DUMPABLE, 1)
+
+
+def _enter_namespaces():
+    uid, gid = os.getuid(), os.getgid()
+    _sys.unshare(_NEW_NAMESPACES)
+    _write("/proc/self/uid_map", "0 %d 1\n" % uid)
+    _write("/proc/self/setgroups", "deny\n")
+    _write("/proc/self/gid_map", "0 %d 1\n" % gid)
+    # Mounts made here must never propagate back to the host.
+    _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE, None)
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _init(write_end, fn, args, kwargs, backend, check_leaks):
+    status = 71
+    try:
+        flags = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
+        _sys.mount("proc", "/proc", "proc", flags, None)
+        _sys.mount("devpts", "/dev/pts", "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
+                   "newinstance,ptmxmode=0666,mode=0620")
+        _sys.mount("/dev/pts/ptmx", "/dev/ptmx", None, _sys.MS_BIND, None)
+        _run_body(write_end, fn, args, kwargs, backend, check_leaks)
+        status = 0
+    except BaseException as err:
+        _report(write_end, ("setup-error", "%s: %s" % (type(err).__name__, err), traceback.format_exc()))
+    finally:
+        os._exit(status)
+
+
+def _run_body(write_end, fn, args, kwargs, backend, check_leaks):
+    if backend is not None:
+        _sys.use(backend)
+    fds_before = _open_fds()
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as err:
+        _report(write_end, ("raised", _picklable(err), traceback.format_exc()))
+        return
+    if check_leaks:
+        left = leftovers(fds_before)
+        if left:
+            _report(write_end, ("leaked", left))
+            return
+    _report(write_end, ("returned", result))
+
+
+def _open_fds():
+    return set(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def leftovers(fds_before=None):
+    """What the code run in this namespace left behind, as readable lines."""
+    found = []
+    others = sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid())
+    if others:
+        found.append("processes %s (children not reaped, or still running)" % others)
+    for kind in ("sem", "shm", "msg"):
+        with open("/proc/sysvipc/" + kind) as f:
+            objects = [line.split()[1] for line in f.readlines()[1:]]
+        if objects:
+            found.append("%s objects with ids %s" % (kind, ", ".join(objects)))
+        with open("/proc/sys/kernel/%s_next_id" % kind) as f:
+            value = int(f.read())
+        if value != -1:
+            found.append("%s_next_id left armed at %d" % (kind, value))
+    ptys = sorted(int(n) for n in os.listdir("/dev/pts") if n.isdigit())
+    if ptys:
+        found.append("pty indices %s still open" % ptys)
+    if knobs.any_held():
+        found.append("idpin namespace locks still held")
+    if fds_before is not None:
+        new = sorted(_open_fds() - fds_before)
+        # The listdir fd itself is gone by now; anything else is a leak.
+        if new:
+            found.append("file descriptors %s left open" % new)
+    return found
+
+
+def _picklable(err):
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return ChildError("%s: %s (not picklable)" % (type(err).__name__, err))
+
+
+def _report(write_end, message):
+    data = pickle.dumps(message)
+    os.write(write_end, len(data).to_bytes(8, "little"))
+    view = memoryview(data)
+    while view:
+        written = os.write(write_end, view)
+        view = view[written:]
+
+
+def _collect(read_end, middle, timeout):
+    """Read the child's messages until EOF or timeout; kill what we started on timeout."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    init = None
+    while True:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([read_end], [], [], max(remaining, 0))
+        if not ready:
+            _kill_started(middle, init)
+            raise ChildError("the namespace child did not finish within %.0f s; killed" % timeout)
+        chunk = os.read(read_end, 1 << 16)
+        if not chunk:
+            break
+        buffer += chunk
+        messages, buffer = _split(buffer)
+        for message in messages:
+            if message[0] == "pid":
+                init = message[1]
+            else:
+                outcome = message
+    _, status = os.waitpid(middle, 0)
+    try:
+        return outcome
+    except NameError:
+        raise ChildError(
+            "the namespace child exited (status %d) without reporting" % os.waitstatus_to_exitcode(status)
+        ) from None
+
+
+def _split(buffer):
+    messages = []
+    while len(buffer) >= 8:
+        size = int.from_bytes(buffer[:8], "little")
+        if len(buffer) < 8 + size:
+            break
+        messages.append(pickle.loads(buffer[8 : 8 + size]))
+        buffer = buffer[8 + size :]
+    return messages, buffer
+
+
+def _kill_started(middle, init):
+    for pid in (init, middle):
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.waitpid(middle, 0)
+
+
+def _unpack(outcome):
+    tag = outcome[0]
+    if tag == "returned":
+        return outcome[1]
+    if tag == "raised":
+        err, child_traceback = outcome[1], outcome[2]
+        err.add_note("--- traceback in the namespace child ---\n" + child_traceback.rstrip())
+        raise err
+    if tag == "leaked":
+        raise AssertionError("left behind: " + "; ".join(outcome[1]))
+    raise ChildError("namespace setup failed: %s\n%s" % (outcome[1], outcome[2]))
