@@ -191,6 +191,15 @@ def _lock_for(path, label, on_acquire):
     return lock
 
 
+def cached_fds():
+    """fds idpin keeps open on purpose: one namespace file and its knobs per namespace."""
+    fds = set()
+    for lock in list(_locks.values()):
+        fds.add(lock._fd)
+        fds.update(lock._knobs.values())
+    return fds
+
+
 def _forget_all_in_child():
     global _generation, _registry_lock
     _generation += 1

@@ -136,7 +136,17 @@ def _run_body(write_end, fn, args, kwargs, backend, check_leaks):
 
 
 def _open_fds():
-    return set(int(fd) for fd in os.listdir("/proc/self/fd"))
+    listed = set(int(fd) for fd in os.listdir("/proc/self/fd"))
+    # One of them was listdir's own, closed by now.
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def leftovers(fds_before=None):
@@ -160,11 +170,19 @@ def leftovers(fds_before=None):
     if knobs.any_held():
         found.append("idpin namespace locks still held")
     if fds_before is not None:
-        new = sorted(_open_fds() - fds_before)
-        # The listdir fd itself is gone by now; anything else is a leak.
+        # idpin keeps one namespace file and its knobs open per namespace.
+        new = sorted(_open_fds() - fds_before - knobs.cached_fds())
         if new:
-            found.append("file descriptors %s left open" % new)
+            found.append("file descriptors left open: %s" % ", ".join(
+                "%d -> %s" % (fd, _fd_target(fd)) for fd in new))
     return found
+
+
+def _fd_target(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return "?"
 
 
 def _picklable(err):
@@ -246,3 +264,71 @@ def _unpack(outcome):
     if tag == "leaked":
         raise AssertionError("left behind: " + "; ".join(outcome[1]))
     raise ChildError("namespace setup failed: %s\n%s" % (outcome[1], outcome[2]))
+
+
+class Forker:
+    """A non-cooperating process that forks and reaps children in a loop.
+
+    It never takes idpin's lock, like any program that forks on its own, so
+    it races every ns_last_pid write. The pids its children got are logged;
+    ``stop()`` ends it (it also ends by itself after ``max_seconds``) and
+    returns them. Use it as a context manager around the code under test.
+    """
+
+    def __init__(self, max_seconds=60.0):
+        self.max_seconds = max_seconds
+        self.pid = None
+        self.children = []
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def start(self):
+        import tempfile
+
+        self._log = tempfile.TemporaryFile()
+        self._stop_read, self._stop_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        self.pid = ORIGINALS["os.fork"]()
+        if self.pid == 0:
+            os.close(ready_read)
+            self._loop(ready_write)
+        os.close(ready_write)
+        os.read(ready_read, 1)  # wait until it is forking
+        os.close(ready_read)
+
+    def _loop(self, ready_write):
+        try:
+            fork = ORIGINALS["os.fork"]
+            deadline = time.monotonic() + self.max_seconds
+            log = self._log.fileno()
+            os.write(ready_write, b"1")
+            while time.monotonic() < deadline:
+                if select.select([self._stop_read], [], [], 0)[0]:
+                    break
+                child = fork()
+                if child == 0:
+                    os._exit(0)
+                os.waitpid(child, 0)
+                os.write(log, child.to_bytes(4, "little"))
+        finally:
+            os._exit(0)
+
+    def stop(self):
+        if self.pid is None:
+            return self.children
+        os.write(self._stop_write, b"x")
+        os.waitpid(self.pid, 0)
+        for fd in (self._stop_read, self._stop_write):
+            os.close(fd)
+        self._log.seek(0)
+        raw = self._log.read()
+        self._log.close()
+        self.children = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+        self.pid = None
+        return self.children

@@ -1,0 +1,44 @@
+"""The ``idpin`` command line: doctor, demo."""
+import argparse
+import sys
+
+from . import _sys
+from .probe import probe
+from .demo import table
+
+
+def doctor(args, out):
+    caps = probe()
+    rows = [(kind, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-") for kind, cap in caps.items()]
+    out.write(table(("kind", "ok", "mechanism", "reason / fix"), rows) + "\n\n")
+    out.write("backend: %s" % _sys.BACKEND)
+    if _sys.load_error is not None:
+        out.write(" (the Cython extension did not load: %s)" % _sys.load_error)
+    out.write("\n")
+    return 0
+
+
+def demo(args, out):
+    from . import demo as showcase
+
+    return showcase.main(out)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="what this system lets idpin do, and how to fix what it cannot")
+    sub.add_parser("demo", help="a short showcase in fresh namespaces")
+    return p
+
+
+COMMANDS = {"doctor": doctor, "demo": demo}
+
+
+def main(argv=None, out=None):
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command](args, out or sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

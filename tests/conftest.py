@@ -1,0 +1,51 @@
+"""Every test runs in fresh user+pid+ipc+mount namespaces, once per backend.
+
+The test body is run by idpin.testing.run_in_namespaces as pid 1 of its own
+namespaces, so it can assert exact ids and cannot touch the host; afterwards
+the runner checks nothing was left behind (processes, IPC objects, armed
+knobs, ptys, fds, locks). Options come from the ``namespaces`` marker
+(``uid=NOBODY`` for the unprivileged path). Tests marked ``host`` run in the
+pytest process itself and are not parametrized by backend.
+"""
+import hypothesis
+import pytest
+
+from idpin import _sys, testing
+
+hypothesis.settings.register_profile("idpin", deadline=None, database=None, max_examples=60)
+hypothesis.settings.load_profile("idpin")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("host"):
+        return
+    if "backend" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("backend")
+    metafunc.parametrize("backend", _sys.BACKENDS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if pyfuncitem.get_closest_marker("host"):
+        return None
+    marker = pyfuncitem.get_closest_marker("namespaces")
+    options = dict(marker.kwargs) if marker else {}
+    backend = pyfuncitem.callspec.params["backend"]
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in names}
+    body = pyfuncitem.obj
+    testing.run_in_namespaces(lambda: body(**kwargs), backend=backend, **options)
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tid_cache_offset_found_once():
+    # Found in the pytest process, so namespace children inherit it instead
+    # of each starting a probe thread.
+    _sys.tid_cache_offset()
+    yield
+
+
+@pytest.fixture
+def backend():
+    """The _sys backend this test runs against (parametrized)."""

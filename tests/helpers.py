@@ -1,0 +1,66 @@
+"""Small helpers shared by the tests (they run inside the namespace child)."""
+import os
+import pickle
+
+import pytest
+
+from idpin.interpose import ORIGINALS
+from idpin.testing import NOBODY
+
+# Run a test as root and as an unprivileged user (each in its own user namespace).
+as_root_and_nobody = pytest.mark.parametrize(
+    "uid", [0, pytest.param(NOBODY, marks=pytest.mark.namespaces(uid=NOBODY))], ids=["root", "nobody"]
+)
+
+
+def reap(pid):
+    """Wait for ``pid``; its exit code."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def child_exits_with(check):
+    """In a forked child: exit 0 if check() is true, else 1; never returns."""
+    try:
+        ok = check()
+    except BaseException:
+        ok = False
+    os._exit(0 if ok else 1)
+
+
+def run_workers(work, count):
+    """Run ``work(index)`` in ``count`` forked processes at once; their results."""
+    pipes, children = [], []
+    for index in range(count):
+        read_end, write_end = os.pipe()
+        child = ORIGINALS["os.fork"]()
+        if child == 0:
+            os.close(read_end)
+            try:
+                result = ("ok", work(index))
+            except BaseException as err:
+                result = ("err", repr(err))
+            os.write(write_end, pickle.dumps(result))
+            os._exit(0)
+        os.close(write_end)
+        pipes.append(read_end)
+        children.append(child)
+    results = []
+    for read_end, child in zip(pipes, children):
+        chunks = []
+        while True:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_end)
+        reap(child)
+        tag, value = pickle.loads(b"".join(chunks))
+        assert tag == "ok", value
+        results.append(value)
+    return results
+
+
+def knob(name):
+    with open("/proc/sys/kernel/" + name) as f:
+        return int(f.read())

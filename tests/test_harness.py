@@ -1,0 +1,47 @@
+"""The namespace runner itself: failures and leftovers do reach the test."""
+import os
+
+import pytest
+
+from idpin import _sys, ipc
+from idpin.testing import ChildError, run_in_namespaces
+
+pytestmark = pytest.mark.host
+
+
+def test_body_runs_as_pid_1_of_fresh_namespaces():
+    def body():
+        with open("/proc/sys/kernel/sem_next_id") as f:
+            return os.getpid(), os.getuid(), int(f.read()), sorted(os.listdir("/dev/pts"))
+
+    assert run_in_namespaces(body) == (1, 0, -1, ["ptmx"])
+
+
+def test_a_failed_assertion_is_raised_with_the_childs_traceback():
+    def body():
+        assert 1 + 1 == 3, "arithmetic"
+
+    with pytest.raises(AssertionError, match="arithmetic") as info:
+        run_in_namespaces(body)
+    assert any("namespace child" in note for note in info.value.__notes__)
+
+
+@pytest.mark.parametrize(
+    "leave, what",
+    [
+        (lambda: os.fork() or os.read(os.pipe()[0], 1), "processes"),
+        (lambda: _sys.ipc_get(_sys.SEM, ipc.IPC_PRIVATE, 1, ipc.IPC_CREAT | 0o600), "sem objects"),
+        (lambda: os.openpty(), "pty indices"),
+        (lambda: os.open("/dev/null", os.O_RDONLY), "file descriptors"),
+        (lambda: open("/proc/sys/kernel/msg_next_id", "w").write("77"), "msg_next_id left armed"),
+    ],
+    ids=["child", "ipc", "pty", "fd", "knob"],
+)
+def test_leftovers_fail_the_test(leave, what):
+    with pytest.raises(AssertionError, match="left behind: .*" + what):
+        run_in_namespaces(leave)
+
+
+def test_a_body_that_hangs_is_killed_at_the_timeout():
+    with pytest.raises(ChildError, match="did not finish"):
+        run_in_namespaces(lambda: os.read(os.pipe()[0], 1), timeout=1)
