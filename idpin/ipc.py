@@ -28,7 +28,7 @@ import collections
 
 from . import _sys, knobs
 from .errors import IdBusyError, RequestError
-from .request import Kind, active_requests, consume, enclosing_pending, pending, register_kind, validate_int
+from .request import Kind, consume, enclosing_pending, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
 IPC_CREAT = _sys.IPC_CREAT
@@ -217,32 +217,35 @@ def create_pinned(kind, value, key, arg, flags):
                 lock.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
             )
         except FileExistsError:
+            restore_knob(kind, lock)
             if flags & IPC_EXCL:
                 raise
             return None
-        finally:
-            _leave_knob_as_found(kind, lock)
-    if got != value:
-        raise IdBusyError(
-            kind, value,
-            "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
-        )
+        except BaseException:
+            restore_knob(kind, lock)
+            raise
+        if got != value:
+            restore_knob(kind, lock)
+            raise IdBusyError(
+                kind, value,
+                "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
+            )
     return got
 
 
-def _leave_knob_as_found(kind, lock):
-    # A creation that fails before allocating leaves the knob armed. Inside a
-    # request block that is the block's own armed state; otherwise consume it.
-    if kind in _armed_by_this_thread() or _sys.knob_read(lock.knob(KNOB[kind])) == _IDLE:
-        return
-    consume_knob(kind, lock)
+def restore_knob(kind, lock):
+    """After a failed pinned creation: the knob as this thread's blocks expect it.
 
-
-def _armed_by_this_thread():
-    armed = set()
-    for req in active_requests():
-        armed.update(req.armed)
-    return armed
+    A creation that fails before allocating leaves the knob armed; one that
+    got a wrong id consumed it. A pending request keeps its id armed (it is
+    still pending); with none, the knob must be idle.
+    """
+    fd = lock.knob(KNOB[kind])
+    found = pending(kind)
+    if found is not None:
+        knobs.write_knob(fd, KNOB[kind], found[1])
+    elif _sys.knob_read(fd) != _IDLE:
+        consume_knob(kind, lock)
 
 
 # -- batches ---------------------------------------------------------------
@@ -312,7 +315,7 @@ def create_many(specs):
             for kind, id in reversed(created):
                 _sys.ipc_remove(CODE[kind], id)
             for kind in KINDS:
-                _leave_knob_as_found(kind, lock)
+                restore_knob(kind, lock)
             raise
     return [id for _, id in created]
 

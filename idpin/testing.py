@@ -141,6 +141,11 @@ def _open_fds():
     return {fd for fd in listed if _is_open(fd)}
 
 
+def open_fds():
+    """This process's open fds, less the ones idpin keeps open on purpose."""
+    return _open_fds() - knobs.cached_fds()
+
+
 def _is_open(fd):
     try:
         os.fstat(fd)

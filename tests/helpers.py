@@ -64,3 +64,15 @@ def run_workers(work, count):
 def knob(name):
     with open("/proc/sys/kernel/" + name) as f:
         return int(f.read())
+
+
+def wait_until(condition, timeout=10.0):
+    """Poll ``condition`` until true or ``timeout`` seconds; whether it became true."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return condition()
