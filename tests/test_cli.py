@@ -1,0 +1,84 @@
+import io
+
+import pytest
+
+import idpin
+from idpin import _sys, cli
+
+
+def run(*argv):
+    out = io.StringIO()
+    return cli.main(list(argv), out=out), out.getvalue()
+
+
+def test_probe_reports_every_kind_with_its_mechanism():
+    caps = idpin.probe()
+    assert {k: (c.ok, c.mechanism, c.reason) for k, c in caps.items()} == {
+        "pid": (True, "clone3", ""),
+        "tid": (True, "ns_last_pid", ""),
+        "sem": (True, "sem_next_id", ""),
+        "shm": (True, "shm_next_id", ""),
+        "msg": (True, "msg_next_id", ""),
+        "pty": (True, "ptmx-walk", ""),
+    }
+
+
+def test_doctor_prints_a_table_and_the_backend(backend):
+    status, text = run("doctor")
+    assert status == 0
+    lines = text.splitlines()
+    assert lines[0].split() == ["kind", "ok", "mechanism", "reason", "/", "fix"]
+    assert [line.split()[:3] for line in lines[2:8]] == [
+        ["pid", "yes", "clone3"], ["tid", "yes", "ns_last_pid"], ["sem", "yes", "sem_next_id"],
+        ["shm", "yes", "shm_next_id"], ["msg", "yes", "msg_next_id"], ["pty", "yes", "ptmx-walk"],
+    ]
+    assert "backend: %s" % backend in text
+
+
+@pytest.mark.namespaces(uid=idpin.testing.NOBODY, userns=False)
+def test_doctor_says_why_and_how_to_fix_when_unprivileged():
+    status, text = run("doctor")
+    assert status == 0
+    assert "NO" in text and "unshare --user --map-root-user --pid" in text
+
+
+@pytest.mark.host
+def test_demo_shows_naive_failures_and_no_idpin_wrong_pid():
+    status, text = run("demo")
+    assert status == 0, text
+    rows = {line.split(":")[0] + ":" + line.split(":")[1].split()[0]: line.split()[-4:]
+            for line in text.splitlines() if line.startswith(("naive:", "idpin:"))}
+    assert len(rows) == 3
+    for name, (attempts, exact, wrong, busy) in rows.items():
+        assert int(exact) + int(wrong) + int(busy) == int(attempts) == 300
+        if name.startswith("idpin"):
+            assert wrong == "0"
+    assert "/dev/pts/5  /dev/pts/5" in text
+
+
+@pytest.mark.host
+def test_the_installed_package_is_tested_with_its_cython_backend():
+    # The suite must run against the built package: a source tree on
+    # sys.path would silently fall back to the ctypes twin.
+    import importlib
+
+    if _sys.load_error is not None or _sys.BACKEND != "cython":
+        import os
+
+        assert os.environ.get("IDPIN_BACKEND") == "ctypes", (
+            "the Cython backend did not load (%s): install with 'pip install .' and run "
+            "pytest from the repository root, not 'python -m pytest'" % _sys.load_error
+        )
+    module = importlib.import_module("idpin._sys._cython")
+    assert module.BACKEND == "cython"
+    assert all(hasattr(module, name) for name in _sys.INTERFACE)
+
+
+@pytest.mark.host
+def test_both_backends_expose_the_same_interface():
+    import importlib
+
+    for name in _sys.BACKENDS:
+        module = importlib.import_module("idpin._sys._" + name)
+        missing = [attr for attr in _sys.INTERFACE if not hasattr(module, attr)]
+        assert missing == [], (name, missing)
