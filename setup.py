@@ -31,16 +31,15 @@ class BuildExtLoudly(build_ext):
             )
 
 
-def extensions():
-    from Cython.Build import cythonize
-
-    ext = Extension(
+# setuptools hands .pyx sources to Cython (a build requirement in
+# pyproject.toml) inside build_ext, so a compile error reaches the message above.
+EXTENSIONS = [
+    Extension(
         "idpin._sys._cython",
         sources=["ext/_sys.pyx"],
         include_dirs=["ext"],
         define_macros=[("_GNU_SOURCE", "1")],
     )
-    return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
+]
 
-
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtLoudly})
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildExtLoudly})

@@ -71,6 +71,10 @@ cdef extern from "<sched.h>" nogil:
     int c_setns "setns"(int fd, int nstype)
 
 
+cdef extern from "<sys/prctl.h>" nogil:
+    int c_prctl "prctl"(int option, ...)
+
+
 cdef extern from "<sys/mount.h>" nogil:
     int c_mount "mount"(const char *source, const char *target, const char *filesystemtype,
                         unsigned long mountflags, const void *data)

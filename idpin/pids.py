@@ -25,6 +25,9 @@ PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
 # Exit status of a knob-path child that was born with the wrong pid.
 WRONG_PID_EXIT = 125
+# Knob-path forks retried when a fork outside the lock moved the cursor
+# without taking the pid.
+KNOB_ATTEMPTS = 3
 
 _clone3_missing = False
 
@@ -189,25 +192,41 @@ def pid_in_use(pid):
 
 
 def fork_knob(pid):
-    """glibc's fork with ns_last_pid = pid - 1 under the pid namespace lock."""
-    if pid_in_use(pid):
-        raise IdBusyError("pid", pid, "in use (found before forking)")
+    """glibc's fork with ns_last_pid = pid - 1 under the pid namespace lock.
+
+    A fork outside the lock can land between the knob write and ours. If it
+    took the pid, that is a conflict: IdBusyError. If it only moved the
+    cursor (the pid is still free once our wrong child is gone), the race was
+    lost, not the pid: try again, a bounded number of times.
+    """
+    for _ in range(KNOB_ATTEMPTS):
+        if pid_in_use(pid):
+            raise IdBusyError("pid", pid, "in use")
+        child = _fork_with_knob(pid)
+        if child in (0, pid):
+            return child
+        undo_child(child)
+        if pid_in_use(pid):
+            raise IdBusyError(
+                "pid", pid,
+                "a process forking outside idpin's lock took it between the knob write and "
+                "the fork (our child got pid %d and was killed)" % child,
+            )
+    raise IdBusyError(
+        "pid", pid,
+        "lost the race with processes forking outside idpin's lock %d times (each time "
+        "the child got another pid and was killed)" % KNOB_ATTEMPTS,
+    )
+
+
+def _fork_with_knob(pid):
     lock = knobs.namespace_lock("pid")
     with lock.held():
         knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
         child = ORIGINALS["os.fork"]()
-        if child == 0:
-            if os.getpid() != pid:
-                # Born with the wrong pid: run nothing of the caller's.
-                os._exit(WRONG_PID_EXIT)
-            return 0
-    if child != pid:
-        undo_child(child)
-        raise IdBusyError(
-            "pid", pid,
-            "a process outside idpin's lock took it between the knob write and the fork "
-            "(the child got pid %d and was killed)" % child,
-        )
+        if child == 0 and os.getpid() != pid:
+            # Born with the wrong pid: run nothing of the caller's.
+            os._exit(WRONG_PID_EXIT)
     return child
 
 

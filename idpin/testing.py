@@ -58,7 +58,10 @@ def run_in_namespaces(fn, *args, uid=0, userns=True, backend=None, check_leaks=T
 def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
     status = 70
     try:
+        if backend is not None:
+            _sys.use(backend)
         if uid != os.getuid():
+            _preload()
             _become(uid)
         if not userns:
             _report(write_end, ("pid", os.getpid()))
@@ -66,16 +69,44 @@ def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
             status = 0
         else:
             _enter_namespaces()
+            go_read, go_write = os.pipe()
             init = ORIGINALS["os.fork"]()
             if init == 0:
+                # Report only after the middle has: two writers would interleave.
+                os.close(go_write)
+                os.read(go_read, 1)
+                os.close(go_read)
                 _init(write_end, fn, args, kwargs, backend, check_leaks)
+            os.close(go_read)
             _report(write_end, ("pid", init))
+            os.close(go_write)
             _, wait_status = os.waitpid(init, 0)
             status = os.waitstatus_to_exitcode(wait_status) & 0xFF
     except BaseException as err:
         _report(write_end, ("setup-error", "%s: %s" % (type(err).__name__, err), traceback.format_exc()))
     finally:
         os._exit(status)
+
+
+def _preload():
+    # After dropping root the child may not be able to read the installation
+    # (e.g. under a 0700 /root): import now what idpin and its tests load lazily.
+    import importlib
+    import pkgutil
+
+    import idpin
+
+    for module in pkgutil.walk_packages(idpin.__path__, "idpin."):
+        if module.name != "idpin.__main__":
+            try:
+                importlib.import_module(module.name)
+            except ImportError:
+                pass  # the other backend, when it was not built
+    for name in ("tempfile", "resource", "ctypes", "errno", "pickle", "sysv_ipc"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _become(uid):

@@ -29,7 +29,12 @@ def child_exits_with(check):
 
 
 def run_workers(work, count):
-    """Run ``work(index)`` in ``count`` forked processes at once; their results."""
+    """Run ``work(index)`` in ``count`` forked processes at once; their results.
+
+    The workers start together, once all are forked, so that forking them
+    does not take pids from the ranges the first ones are already pinning.
+    """
+    go_read, go_write = os.pipe()
     pipes, children = [], []
     for index in range(count):
         read_end, write_end = os.pipe()
@@ -37,6 +42,7 @@ def run_workers(work, count):
         if child == 0:
             os.close(read_end)
             try:
+                os.read(go_read, 1)
                 result = ("ok", work(index))
             except BaseException as err:
                 result = ("err", repr(err))
@@ -45,6 +51,9 @@ def run_workers(work, count):
         os.close(write_end)
         pipes.append(read_end)
         children.append(child)
+    os.write(go_write, b"g" * count)
+    os.close(go_read)
+    os.close(go_write)
     results = []
     for read_end, child in zip(pipes, children):
         chunks = []

@@ -1,0 +1,627 @@
+# cython: language_level=3
+"""The Cython backend of idpin._sys: every syscall idpin makes, in C.
+
+Built as ``idpin._sys._cython``. ``idpin/_sys/_ctypes.py`` is its twin: the
+same functions take the same arguments, return the same values and raise the
+same plain OSError from errno, worded as the twin words it; idpin's layers
+above translate. Syscalls run with the GIL released, as the twin's CDLL calls
+do, except the fork protocol, which holds it as os.fork does. The multi-step
+operations (a pinned IPC creation, a ptmx walk) run as one C call each.
+"""
+import os
+
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.long cimport PyLong_AsUnsignedLongMask
+from cpython.object cimport PyObject_AsFileDescriptor
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
+from libc.signal cimport SIGCHLD
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
+from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
+from posix.unistd cimport close, pread, pwrite, _exit
+from posix.wait cimport waitpid
+
+from _sys cimport *
+
+from idpin._sys import _abi
+
+BACKEND = "cython"
+
+# The kind codes are idpin's own convention, so they come from _abi, not from
+# a header.
+cdef int KIND_SEM = _abi.SEM
+cdef int KIND_SHM = _abi.SHM
+_GET_CALLS = ("semget", "shmget", "msgget")
+_STAT_CMDS = (SEM_STAT_ANY, SHM_STAT_ANY, MSG_STAT_ANY)
+
+
+# ---------------------------------------------------------------- errors
+
+cdef object _oserror(str call, int code, detail=""):
+    message = "%s: %s" % (call, os.strerror(code))
+    if detail:
+        message += " (%s)" % detail
+    return OSError(code, message)
+
+
+cdef object _stdlib_error(int code, filename=None):
+    # Where the twin calls os.open/os.pwrite/os.pread/os.waitpid/fcntl.flock,
+    # raise what those raise (PyErr_SetFromErrno's wording).
+    if filename is None:
+        return OSError(code, os.strerror(code))
+    return OSError(code, os.strerror(code), filename)
+
+
+cdef inline int _c_int(value) except? -1:
+    # ctypes converts int arguments by masking, not by range check (an IPC
+    # key such as 0xDEADBEEF reaches the kernel as the same 32 bits); do the
+    # same so both backends pass the kernel the same value.
+    return <int>PyLong_AsUnsignedLongMask(value)
+
+
+cdef bytes _fsencode_or_none(value):
+    if value is None:
+        return None
+    return os.fsencode(value)
+
+
+cdef inline const char *_c_str(bytes value):
+    if value is None:
+        return NULL
+    return value
+
+
+# ---------------------------------------------------------------- clone3
+
+cdef tuple _set_tid_items(set_tid, int *tids):
+    items = tuple(set_tid)
+    n = len(items)
+    # The kernel takes one pid per pid namespace level, innermost first, and
+    # never more than MAX_PID_NS_LEVEL; an empty set_tid is EINVAL.
+    if not 1 <= n <= MAX_PID_NS_LEVEL:
+        raise ValueError(
+            "set_tid needs 1 to %d pids (one per pid namespace level), got %d"
+            % (MAX_PID_NS_LEVEL, n)
+        )
+    cdef int i
+    for i in range(n):
+        # A pid beyond int range is an OverflowError here, never a pid
+        # truncated to one the caller did not ask for.
+        tids[i] = items[i]
+    return items
+
+
+cdef void _clone_args(clone_args *args, const int *tids, Py_ssize_t n,
+                      uint64_t flags, uint64_t child_tid) noexcept nogil:
+    # Zeroed, and passed with its full size: a 64-byte struct makes the kernel
+    # ignore set_tid silently.
+    memset(args, 0, sizeof(clone_args))
+    args.flags = flags
+    args.child_tid = child_tid
+    args.exit_signal = SIGCHLD
+    args.set_tid = <uint64_t><uintptr_t>tids
+    args.set_tid_size = <uint64_t>n
+
+
+def clone3_fork(set_tid, tid_offset):
+    """Fork with clone3(set_tid) following CPython's own fork protocol.
+
+    Returns 0 in the child and the child's pid in the parent.
+    """
+    cdef int tids[MAX_PID_NS_LEVEL]
+    cdef clone_args args
+    cdef void *robust_head = NULL
+    cdef size_t robust_len = 0
+    cdef long pid
+    cdef int code
+    cdef Py_ssize_t offset = tid_offset
+    items = _set_tid_items(set_tid, tids)
+    # glibc caches the tid in its struct pthread and the child inherits the
+    # parent's copy: CHILD_SETTID has the kernel write the child's own tid
+    # there, CHILD_CLEARTID clears it at exit. These are the flags glibc's
+    # fork passes for the same field.
+    _clone_args(&args, tids, len(items),
+                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID,
+                <uint64_t><uintptr_t>(<char *>pthread_self() + offset))
+    # A new task starts with no robust futex list; glibc's fork registers the
+    # parent's head again in the child, so read it while we still can.
+    if syscall(SYS_get_robust_list, <long>0, &robust_head, &robust_len) != 0:
+        raise _oserror("get_robust_list", errno)
+    # The GIL is held across the fork protocol, as os.fork holds it across
+    # fork(): PyOS_BeforeFork takes the interpreter's locks and runs the
+    # os.register_at_fork hooks, and no other thread may run between it and
+    # the AfterFork call. Nothing here touches a Python object in between.
+    PyOS_BeforeFork()
+    pid = syscall(SYS_clone3, &args, sizeof(args))
+    if pid == 0:
+        syscall(SYS_set_robust_list, robust_head, robust_len)
+        PyOS_AfterFork_Child()
+        return 0
+    code = errno
+    PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(code, "clone3(set_tid=%s): %s" % (list(items), os.strerror(code)))
+    return pid
+
+
+def clone3_probe(set_tid):
+    """errno of a clone3(set_tid) that cannot create a child (set_tid in use).
+
+    The kernel checks range, then privilege, then whether the pid is free, so
+    a set_tid that is surely taken reports whether set_tid is permitted with
+    no side effect: EEXIST means permitted. Returns 0 if a child was created
+    after all (it exits at once and is reaped).
+    """
+    cdef int tids[MAX_PID_NS_LEVEL]
+    cdef clone_args args
+    cdef long pid
+    items = _set_tid_items(set_tid, tids)
+    _clone_args(&args, tids, len(items), 0, 0)
+    # No fork protocol: a child, if one is born, runs no Python and leaves at
+    # once, so the interpreter's state in it never matters.
+    pid = syscall(SYS_clone3, &args, sizeof(args))
+    if pid == 0:
+        _exit(0)
+    if pid < 0:
+        return errno
+    _reap(<int>pid)
+    return 0
+
+
+cdef int _reap(int pid) except -1:
+    cdef int status, got, code
+    while True:
+        with nogil:
+            got = waitpid(pid, &status, 0)
+            code = errno
+        if got >= 0:
+            return 0
+        if code != EINTR:
+            raise _stdlib_error(code)
+        PyErr_CheckSignals()
+
+
+# ---------------------------------------------------------------- prctl, namespaces, mounts, locks
+
+def prctl(option, arg):
+    cdef int coption = _c_int(option)
+    cdef unsigned long carg = PyLong_AsUnsignedLongMask(arg)
+    cdef int rc, code
+    with nogil:
+        # The unused arguments are passed as 0: several options fail with
+        # EINVAL when they are not.
+        rc = c_prctl(coption, carg, <unsigned long>0, <unsigned long>0, <unsigned long>0)
+        code = errno
+    if rc < 0:
+        raise _oserror("prctl", code, "option %d" % option)
+
+
+def unshare(flags):
+    cdef int cflags = _c_int(flags)
+    cdef int rc, code
+    with nogil:
+        rc = c_unshare(cflags)
+        code = errno
+    if rc != 0:
+        raise _oserror("unshare", code, hex(flags))
+
+
+def setns(fd, nstype):
+    cdef int cfd = _c_int(fd)
+    cdef int ctype = _c_int(nstype)
+    cdef int rc, code
+    with nogil:
+        rc = c_setns(cfd, ctype)
+        code = errno
+    if rc != 0:
+        raise _oserror("setns", code)
+
+
+def mount(source, target, fstype, flags, data):
+    cdef bytes bsource = _fsencode_or_none(source)
+    cdef bytes btarget = _fsencode_or_none(target)
+    cdef bytes bfstype = _fsencode_or_none(fstype)
+    cdef unsigned long cflags = PyLong_AsUnsignedLongMask(flags)
+    cdef bytes bdata = _fsencode_or_none(data)
+    cdef const char *csource = _c_str(bsource)
+    cdef const char *ctarget = _c_str(btarget)
+    cdef const char *cfstype = _c_str(bfstype)
+    cdef const char *cdata = _c_str(bdata)
+    cdef int rc, code
+    with nogil:
+        rc = c_mount(csource, ctarget, cfstype, cflags, cdata)
+        code = errno
+    if rc != 0:
+        raise _oserror("mount", code, "%s on %s" % (source, target))
+
+
+def flock(fd, int operation):
+    cdef int cfd = PyObject_AsFileDescriptor(fd)
+    cdef int rc, code
+    # LOCK_EX waits for the holder: release the GIL, and retry after a signal
+    # as fcntl.flock does (PEP 475).
+    while True:
+        with nogil:
+            rc = c_flock(cfd, operation)
+            code = errno
+        if rc == 0:
+            return
+        if code != EINTR:
+            raise _stdlib_error(code)
+        PyErr_CheckSignals()
+
+
+# ---------------------------------------------------------------- sysctl knobs
+
+cdef ssize_t _pwrite_at_zero(int fd, const char *data, size_t size) noexcept nogil:
+    # Offset 0 every time: with sysctl_writes_strict=1 a write past the start
+    # of a sysctl file is accepted and silently ignored.
+    cdef ssize_t written
+    while True:
+        written = pwrite(fd, data, size, 0)
+        if written >= 0 or errno != EINTR:
+            return written
+
+
+def knob_write(fd, value):
+    """pwrite at offset 0: a second plain write on a sysctl fd is ignored."""
+    data = b"%d" % value
+    cdef int cfd = fd
+    cdef const char *cdata = data
+    cdef size_t size = len(data)
+    cdef ssize_t written
+    cdef int code
+    with nogil:
+        written = _pwrite_at_zero(cfd, cdata, size)
+        code = errno
+    if written < 0:
+        raise _stdlib_error(code)
+    if <size_t>written != size:
+        raise OSError(EIO, "short write of %d to a knob" % value)
+
+
+def knob_read(fd):
+    cdef int cfd = fd
+    cdef char buf[32]
+    cdef ssize_t got
+    cdef int code
+    while True:
+        with nogil:
+            got = pread(cfd, buf, sizeof(buf), 0)
+            code = errno
+        if got >= 0:
+            break
+        if code != EINTR:
+            raise _stdlib_error(code)
+        PyErr_CheckSignals()
+    return int(buf[:got])
+
+
+# ---------------------------------------------------------------- SysV IPC
+
+cdef union ipc_stat_buf:
+    semid_ds sem
+    shmid_ds shm
+    msqid_ds msg
+
+
+cdef int _ipc_get_raw(int kind, key_t key, unsigned long arg, int flags) noexcept nogil:
+    if kind == KIND_SEM:
+        return semget(key, <int>arg, flags)
+    if kind == KIND_SHM:
+        return shmget(key, <size_t>arg, flags)
+    return msgget(key, flags)
+
+
+cdef int _ipc_ctl(int kind, int id, int cmd, ipc_stat_buf *buf) noexcept nogil:
+    if kind == KIND_SEM:
+        return semctl(id, 0, cmd, buf)
+    if kind == KIND_SHM:
+        return shmctl(id, cmd, <shmid_ds *>buf)
+    return msgctl(id, cmd, <msqid_ds *>buf)
+
+
+def ipc_get(kind, key, arg, flags):
+    """semget(key, arg, flags), shmget(key, arg, flags) or msgget(key, flags)."""
+    cdef int ckind = kind
+    cdef key_t ckey = _c_int(key)
+    cdef unsigned long carg = PyLong_AsUnsignedLongMask(arg)
+    cdef int cflags = _c_int(flags)
+    cdef int got, code
+    with nogil:
+        got = _ipc_get_raw(ckind, ckey, carg, cflags)
+        code = errno
+    if got < 0:
+        raise _oserror(_GET_CALLS[kind], code)
+    return got
+
+
+def ipc_remove(kind, id):
+    cdef int ckind = kind
+    cdef int cid = _c_int(id)
+    cdef int rc, code
+    with nogil:
+        rc = _ipc_ctl(ckind, cid, IPC_RMID, NULL)
+        code = errno
+    if rc < 0:
+        raise _oserror("IPC_RMID", code, "id %d" % id)
+
+
+def ipc_stat_index(kind, index):
+    """The full id of the object at this index, or -1 if the index is free."""
+    cdef int cmd = _STAT_CMDS[kind]
+    cdef int ckind = kind
+    cdef int cindex = _c_int(index)
+    cdef ipc_stat_buf buf
+    cdef int got, code
+    with nogil:
+        got = _ipc_ctl(ckind, cindex, cmd, &buf)
+        code = errno
+    if got >= 0:
+        return got
+    if code == EINVAL:
+        return -1
+    raise _oserror("*_STAT_ANY", code, "index %d" % index)
+
+
+cdef enum PinStep:
+    PIN_DONE
+    PIN_KNOB
+    PIN_SHORT
+    PIN_GET
+    PIN_RMID
+
+
+cdef struct Pin:
+    int step
+    int err
+    int got
+
+
+cdef void _create_pinned(Pin *pin, int knob_fd, const char *value, size_t size,
+                         long long want, int kind, key_t key, unsigned long arg,
+                         int flags) noexcept nogil:
+    cdef ssize_t written = _pwrite_at_zero(knob_fd, value, size)
+    if written < 0:
+        pin.step, pin.err = PIN_KNOB, errno
+        return
+    if <size_t>written != size:
+        pin.step = PIN_SHORT
+        return
+    pin.got = _ipc_get_raw(kind, key, arg, flags)
+    if pin.got < 0:
+        pin.step, pin.err = PIN_GET, errno
+        return
+    # The kernel silently gives the next free index when the asked one is
+    # taken; an object with the wrong id must not outlive this call.
+    if pin.got != want and _ipc_ctl(kind, pin.got, IPC_RMID, NULL) < 0:
+        pin.step, pin.err = PIN_RMID, errno
+        return
+    pin.step = PIN_DONE
+
+
+def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
+    """Arm the knob, create, and remove the object again if its id is wrong.
+
+    Returns the id the kernel gave: ``want``, or the id of an object that
+    existed only briefly (the kernel silently takes the next free index).
+    """
+    value = b"%d" % want
+    cdef int cknob = knob_fd
+    cdef int ckind = kind
+    cdef key_t ckey = _c_int(key)
+    cdef unsigned long carg = PyLong_AsUnsignedLongMask(arg)
+    cdef int cflags = _c_int(flags)
+    cdef const char *cvalue = value
+    cdef size_t size = len(value)
+    cdef long long cwant
+    cdef Pin pin
+    try:
+        cwant = want
+    except OverflowError:
+        # The knob takes only 0..INT_MAX, so the write fails before any id
+        # is compared with this one.
+        cwant = -1
+    with nogil:
+        _create_pinned(&pin, cknob, cvalue, size, cwant, ckind, ckey, carg, cflags)
+    if pin.step == PIN_KNOB:
+        raise _stdlib_error(pin.err)
+    if pin.step == PIN_SHORT:
+        raise OSError(EIO, "short write of %d to a knob" % want)
+    if pin.step == PIN_GET:
+        raise _oserror(_GET_CALLS[kind], pin.err)
+    if pin.step == PIN_RMID:
+        raise _oserror("IPC_RMID", pin.err, "id %d" % pin.got)
+    return pin.got
+
+
+# ---------------------------------------------------------------- ptys
+
+def pty_index(fd):
+    cdef int cfd = _c_int(fd)
+    cdef unsigned int index
+    cdef int rc, code
+    with nogil:
+        rc = ioctl(cfd, TIOCGPTN, &index)
+        code = errno
+    if rc != 0:
+        raise _oserror("TIOCGPTN", code)
+    return index
+
+
+def pty_peer(master):
+    """Open the slave of ``master`` without a path lookup (TIOCGPTPEER)."""
+    cdef int cmaster = _c_int(master)
+    cdef int slave, code
+    with nogil:
+        slave = ioctl(cmaster, TIOCGPTPEER, <unsigned long>(O_RDWR | O_NOCTTY | O_CLOEXEC))
+        code = errno
+    if slave < 0:
+        raise _oserror("TIOCGPTPEER", code)
+    return slave
+
+
+cdef enum WalkStep:
+    WALK_HELD
+    WALK_BUSY
+    WALK_OPEN
+    WALK_PTN
+    WALK_UNLOCK
+
+
+cdef struct PtmxWalk:
+    const char *path
+    const long long *wanted
+    Py_ssize_t n_wanted
+    int *kept               # one master per wanted index, in wanted's order
+    Py_ssize_t n_kept
+    int *fillers            # the lower indices, held so devpts moves past them
+    Py_ssize_t n_fillers
+    Py_ssize_t cap_fillers
+    Py_ssize_t busy_at      # position in wanted of the last busy index, or -1
+    int step
+    int err
+
+
+cdef int _open_ptmx(const char *path) noexcept nogil:
+    cdef int fd
+    while True:
+        fd = c_open(path, O_RDWR | O_NOCTTY | O_CLOEXEC)
+        if fd >= 0 or errno != EINTR:
+            return fd
+
+
+cdef int _hold_index(PtmxWalk *w, long long want) noexcept nogil:
+    # devpts hands out the lowest free index and no call asks for one, so
+    # open until ``want`` comes out, holding each lower index as a filler; a
+    # higher index means ``want`` is in use.
+    cdef int fd
+    cdef unsigned int index
+    while True:
+        fd = _open_ptmx(w.path)
+        if fd < 0:
+            w.err = errno
+            return WALK_OPEN
+        if ioctl(fd, TIOCGPTN, &index) != 0:
+            w.err = errno
+            close(fd)
+            return WALK_PTN
+        if <long long>index == want:
+            w.kept[w.n_kept] = fd
+            w.n_kept += 1
+            return WALK_HELD
+        if <long long>index > want:
+            close(fd)
+            return WALK_BUSY
+        if w.n_fillers == w.cap_fillers:
+            # Held indices are distinct and below max(wanted), and the array
+            # also fits RLIMIT_NOFILE, so only a raised limit gets here.
+            close(fd)
+            w.err = EMFILE
+            return WALK_OPEN
+        w.fillers[w.n_fillers] = fd
+        w.n_fillers += 1
+
+
+cdef void _close_fds(int *fds, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        close(fds[i])
+
+
+cdef inline bint _walk_busy(PtmxWalk *w) noexcept nogil:
+    return w.busy_at >= 0 and w.wanted[w.busy_at] >= 0
+
+
+cdef void _walk_ptmx(PtmxWalk *w) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int outcome
+    cdef int unlocked = 0
+    w.step = WALK_HELD
+    w.busy_at = -1
+    for i in range(w.n_wanted):
+        outcome = _hold_index(w, w.wanted[i])
+        if outcome == WALK_BUSY:
+            w.busy_at = i
+            if w.wanted[i] >= 0:
+                break
+        elif outcome != WALK_HELD:
+            w.step = outcome
+            break
+    if w.step == WALK_HELD and not _walk_busy(w):
+        # A new master starts locked: its slave cannot be opened until
+        # TIOCSPTLCK clears the lock.
+        for i in range(w.n_kept):
+            if ioctl(w.kept[i], TIOCSPTLCK, &unlocked) != 0:
+                w.step, w.err = WALK_UNLOCK, errno
+                break
+    _close_fds(w.fillers, w.n_fillers)
+    w.n_fillers = 0
+    if w.step != WALK_HELD or _walk_busy(w):
+        _close_fds(w.kept, w.n_kept)
+        w.n_kept = 0
+
+
+cdef Py_ssize_t _filler_room(long long highest) except -1:
+    # At most one filler per index below the highest wanted one (``highest``
+    # is at least 0), and never more than the process may hold open.
+    cdef rlimit limit
+    cdef long long room = highest + 2
+    if getrlimit(RLIMIT_NOFILE, &limit) == 0 and limit.rlim_cur < <rlim_t>room:
+        room = <long long>limit.rlim_cur
+    return <Py_ssize_t>room
+
+
+def ptmx_walk(path, wanted):
+    """Open ``path`` (a ptmx) until each index in sorted ``wanted`` is held.
+
+    devpts hands out the lowest free index, so lower indices are fillers held
+    open and closed at the end; an index above the next wanted one means that
+    one is busy. Returns (masters aligned with wanted, -1), or ((), busy index)
+    with every fd closed. Masters are unlocked; fillers are always closed.
+    """
+    wants = list(wanted)
+    cdef Py_ssize_t n = len(wants)
+    if n == 0:
+        return (), -1
+    bpath = os.fsencode(path)
+    if b"\0" in bpath:
+        raise ValueError("embedded null byte" if isinstance(path, str)
+                         else "open: embedded null character in path")
+    cdef PtmxWalk w
+    cdef Py_ssize_t i
+    cdef long long highest
+    cdef long long *targets = <long long *>malloc(n * sizeof(long long))
+    if targets == NULL:
+        raise MemoryError()
+    memset(&w, 0, sizeof(w))
+    w.path = bpath
+    w.wanted = targets
+    w.n_wanted = n
+    try:
+        highest = 0
+        for i in range(n):
+            targets[i] = wants[i]
+            if targets[i] > highest:
+                highest = targets[i]
+        w.cap_fillers = _filler_room(highest)
+        w.kept = <int *>malloc((n + w.cap_fillers) * sizeof(int))
+        if w.kept == NULL:
+            raise MemoryError()
+        w.fillers = w.kept + n
+        with nogil:
+            _walk_ptmx(&w)
+        if w.step == WALK_OPEN:
+            raise _stdlib_error(w.err, path)
+        if w.step == WALK_PTN:
+            raise _oserror("TIOCGPTN", w.err)
+        if w.step == WALK_UNLOCK:
+            raise _oserror("TIOCSPTLCK", w.err)
+        if _walk_busy(&w):
+            return (), wants[w.busy_at]
+        return tuple([w.kept[i] for i in range(w.n_kept)]), -1
+    finally:
+        free(w.kept)
+        free(targets)
