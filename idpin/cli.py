@@ -1,4 +1,4 @@
-"""The ``idpin`` command line: doctor, demo."""
+"""The ``idpin`` command line: doctor, demo, bench."""
 import argparse
 import sys
 
@@ -24,15 +24,26 @@ def demo(args, out):
     return showcase.main(out)
 
 
+def bench(args, out):
+    from . import bench as suite
+
+    return suite.main(args.rest, out)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="what this system lets idpin do, and how to fix what it cannot")
     sub.add_parser("demo", help="a short showcase in fresh namespaces")
+    bench_parser = sub.add_parser(
+        "bench", help="the race-condition suite and the performance benchmarks ('idpin bench --help')",
+        add_help=False,
+    )
+    bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo}
+COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench}
 
 
 def main(argv=None, out=None):

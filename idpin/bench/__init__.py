@@ -1,0 +1,1 @@
+"""``idpin bench``: the race-condition suite and the performance benchmarks."""
