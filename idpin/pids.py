@@ -148,7 +148,13 @@ def fork_clone3(value):
     global _clone3_missing
     set_tid = set_tid_of(value)
     try:
-        return _sys.clone3_fork(set_tid, _sys.tid_cache_offset())
+        offset = _sys.tid_cache_offset()
+    except RuntimeError as err:
+        # Without glibc's tid cache refreshed, the child would be subtly wrong.
+        _clone3_missing = True
+        raise _Clone3Missing() from err
+    try:
+        return _sys.clone3_fork(set_tid, offset)
     except OSError as err:
         if err.errno in (errno.ENOSYS, errno.E2BIG):
             _clone3_missing = True

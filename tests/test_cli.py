@@ -23,6 +23,18 @@ def test_probe_reports_every_kind_with_its_mechanism():
     }
 
 
+def test_probe_does_not_create_the_init_of_a_new_pid_namespace():
+    import os
+
+    idpin._sys.unshare(idpin._sys.CLONE_NEWPID)
+    caps = idpin.probe()
+    assert caps["pid"].ok and "must be pid 1" in caps["pid"].reason
+    child = idpin.fork(pid=(1, 3333))  # the namespace can still get its init
+    if child == 0:
+        os._exit(0 if os.getpid() == 1 else 1)
+    assert child == 3333 and os.waitpid(child, 0)[1] == 0
+
+
 def test_doctor_prints_a_table_and_the_backend(backend):
     status, text = run("doctor")
     assert status == 0

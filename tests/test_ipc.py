@@ -1,4 +1,5 @@
 import os
+import signal
 import threading
 
 import pytest
@@ -7,7 +8,7 @@ import sysv_ipc
 import idpin
 from idpin import ipc
 
-from helpers import as_root_and_nobody, knob, run_workers
+from helpers import as_root_and_nobody, knob, reap, run_workers
 
 SEM, SHM, MSG = (1 << 15) | 7, (2 << 15) | 9, (3 << 15) | 11
 
@@ -101,6 +102,26 @@ def test_a_stale_knob_is_consumed_by_the_next_lock_holder():
     plain = ipc.msgget(ipc.IPC_PRIVATE, 0o600)
     assert plain != 999  # not hijacked
     remove_all(sem=sem, msg=plain)
+
+
+def test_a_holder_killed_mid_block_leaves_no_knob_that_hijacks_later():
+    ready_read, ready_write = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        with idpin.request(msg=MSG):
+            os.write(ready_write, b"1")
+            os.read(os.pipe()[0], 1)  # killed here: lock held, knob armed
+    os.read(ready_read, 1)
+    os.kill(holder, signal.SIGKILL)
+    reap(holder)
+    os.close(ready_read), os.close(ready_write)
+    assert knob("msg_next_id") == MSG  # the kernel keeps it; the flock died with the holder
+    with idpin.request(shm=SHM):
+        assert knob("msg_next_id") == -1  # the next lock holder consumed it
+        segment = ipc.shmget(ipc.IPC_PRIVATE, 64, 0o600)
+    unrelated = ipc.msgget(ipc.IPC_PRIVATE, 0o600)
+    assert unrelated != MSG and ipc._holder("msg", MSG) in (-1, unrelated)
+    remove_all(shm=segment, msg=unrelated)
 
 
 def test_key_lookup_is_not_an_allocation():
