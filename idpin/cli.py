@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from . import _sys
+from . import __version__, _sys
 from .probe import probe
 from .demo import table
 
@@ -32,6 +32,7 @@ def bench(args, out):
 
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
+    p.add_argument("--version", action="version", version="idpin %s" % __version__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="what this system lets idpin do, and how to fix what it cannot")
     sub.add_parser("demo", help="a short showcase in fresh namespaces")
