@@ -13,6 +13,7 @@ description per namespace carries the flock. That description is never
 shared with a forked child: the child closes its copies (without unlocking,
 which would release the parent's lock) and starts afresh.
 """
+import contextlib
 import fcntl
 import os
 import threading
@@ -35,27 +36,44 @@ def any_held():
 class NamespaceLock:
     """The idpin lock of one namespace; reentrant per thread.
 
-    It keeps the namespace file open for its lifetime, which also keeps the
-    namespace alive, so its inode number (the registry key) is never reused
-    while this object exists, and knob fds cached here stay meaningful.
+    A namespace lock keeps the namespace file open for its lifetime, which
+    also keeps the namespace alive, so its inode number (the registry key) is
+    never reused while this object exists, and knob fds cached here stay
+    meaningful. A directory lock (a devpts instance) opens its directory only
+    while held, so that it never keeps the instance mounted.
+
+    Besides the block-long ownership (``acquire``/``release``), threads of
+    this process share ``alloc``, a short mutex around each knob write and
+    the allocation that consumes it, and ``armed``: the knob values request
+    blocks of this process have armed, so that other allocations can steer
+    clear of them.
     """
 
-    def __init__(self, path, label, on_acquire=None):
+    def __init__(self, path, label, on_acquire=None, keep_open=True):
         self.path = path
         self.label = label
+        self.alloc = threading.Lock()
+        self.armed = {}
         self._on_acquire = on_acquire
+        self._keep_open = keep_open
         self._mutex = threading.RLock()
         self._depth = 0
         self._owner = None
         self._knobs = {}
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = self._open() if keep_open else -1
+
+    def _open(self):
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def acquire(self):
         self._mutex.acquire()
         if self._depth == 0:
             try:
+                if not self._keep_open:
+                    self._fd = self._open()
                 _sys.flock(self._fd, fcntl.LOCK_EX)
             except BaseException:
+                self._close_if_transient()
                 self._mutex.release()
                 raise
             self._owner = threading.get_ident()
@@ -74,7 +92,13 @@ class NamespaceLock:
             self._owner = None
             _held.discard(self)
             _sys.flock(self._fd, fcntl.LOCK_UN)
+            self._close_if_transient()
         self._mutex.release()
+
+    def _close_if_transient(self):
+        if not self._keep_open and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def held(self):
         """Context manager that is a no-op on exit in a forked child."""
@@ -99,10 +123,39 @@ class NamespaceLock:
             self._knobs[name] = fd
         return fd
 
+    def rearm(self, name):
+        """Write back the value a block armed, after an allocation moved the knob."""
+        value = self.armed.get(name)
+        if value is not None:
+            write_knob(self.knob(name), name, value)
+
+    @contextlib.contextmanager
+    def steered_clear_of(self, name):
+        """For a pid allocation that asked for nothing, while a tid is armed.
+
+        ns_last_pid is one cursor for pids and tids: moving it just past the
+        armed tid makes this allocation take any other pid, and the armed
+        value is written back afterwards (in this process only: a forked
+        child must not touch the knob).
+        """
+        value = self.armed.get(name)
+        if value is None:
+            yield
+            return
+        generation = _generation
+        write_knob(self.knob(name), name, value + 1)
+        try:
+            yield
+        finally:
+            if generation == _generation:
+                write_knob(self.knob(name), name, value)
+
     def forget_in_child(self):
         # The child holds copies of the parent's descriptions: closing them
         # drops a reference; LOCK_UN would release the parent's lock.
         for fd in [self._fd, *self._knobs.values()]:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -158,9 +211,9 @@ def namespace_lock(kind, on_acquire=None):
     return _lock_for("/proc/self/ns/" + kind, kind, on_acquire)
 
 
-def directory_lock(path, label, on_acquire=None):
-    """The lock on a directory (a devpts instance's root)."""
-    return _lock_for(path, label, on_acquire)
+def directory_lock(path, label):
+    """The lock on a directory (a devpts instance's root), open only while held."""
+    return _lock_for(path, label, None, keep_open=False)
 
 
 def existing_namespace_lock(kind):
@@ -172,7 +225,7 @@ def existing_namespace_lock(kind):
     return _locks.get((kind, st.st_dev, st.st_ino))
 
 
-def _lock_for(path, label, on_acquire):
+def _lock_for(path, label, on_acquire, keep_open=True):
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -186,7 +239,7 @@ def _lock_for(path, label, on_acquire):
         with _registry_lock:
             lock = _locks.get(key)
             if lock is None:
-                lock = NamespaceLock(path, label, on_acquire)
+                lock = NamespaceLock(path, label, on_acquire, keep_open)
                 _locks[key] = lock
     return lock
 
@@ -195,7 +248,8 @@ def cached_fds():
     """fds idpin keeps open on purpose: one namespace file and its knobs per namespace."""
     fds = set()
     for lock in list(_locks.values()):
-        fds.add(lock._fd)
+        if lock._keep_open:
+            fds.add(lock._fd)
         fds.update(lock._knobs.values())
     return fds
 

@@ -97,12 +97,27 @@ def fork(pid=None, mechanism=None):
 
 
 def plain_fork():
-    """An unpinned fork that cannot consume a knob another thread armed."""
+    """An unpinned fork that cannot consume a knob a block of this process armed."""
     lock = knobs.existing_namespace_lock("pid") if knobs.any_held() else None
-    if lock is not None and lock.held_by_another_thread():
-        with lock.excluding_other_threads():
-            return ORIGINALS["os.fork"]()
-    return ORIGINALS["os.fork"]()
+    if lock is None:
+        return ORIGINALS["os.fork"]()
+    with lock.alloc, lock.steered_clear_of("ns_last_pid"):
+        return ORIGINALS["os.fork"]()
+
+
+def children_in_new_pid_namespace():
+    """unshare(CLONE_NEWPID) was called: children go to a namespace this process is not in."""
+    try:
+        active = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return False
+    try:
+        return os.stat("/proc/self/ns/pid_for_children").st_ino != active
+    except FileNotFoundError:
+        # The kernel hides a pid namespace that has no init yet.
+        return True
+    except OSError:
+        return False
 
 
 def pinned_fork(value, mechanism=None):
@@ -120,6 +135,18 @@ def pinned_fork(value, mechanism=None):
 
 def choose_mechanism(set_tid, forced=None):
     threads = thread_count()
+    if forced != "clone3" and children_in_new_pid_namespace():
+        # ns_last_pid acts on this process's pid namespace, not on the one
+        # its children are born in.
+        if forced == "ns_last_pid" or threads > 1 or _clone3_missing:
+            raise UnsupportedError(
+                "this process called unshare(CLONE_NEWPID): its children are born in a pid "
+                "namespace ns_last_pid cannot reach, so only clone3 set_tid can choose their "
+                "pid, and idpin uses it only in a single-threaded process (this one has %d "
+                "threads)" % threads,
+                kind="pid",
+            )
+        return "clone3"
     if forced == "ns_last_pid" or (forced is None and (threads > 1 or _clone3_missing)):
         if len(set_tid) > 1:
             raise UnsupportedError(
@@ -227,12 +254,16 @@ def fork_knob(pid):
 
 def _fork_with_knob(pid):
     lock = knobs.namespace_lock("pid")
-    with lock.held():
+    with lock.held(), lock.alloc:
         knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
         child = ORIGINALS["os.fork"]()
-        if child == 0 and os.getpid() != pid:
-            # Born with the wrong pid: run nothing of the caller's.
-            os._exit(WRONG_PID_EXIT)
+        if child == 0:
+            if os.getpid() != pid:
+                # Born with the wrong pid: run nothing of the caller's.
+                os._exit(WRONG_PID_EXIT)
+            return 0
+        # A tid block of this process armed the same cursor: give it back.
+        lock.rearm("ns_last_pid")
     return child
 
 

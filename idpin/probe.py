@@ -36,23 +36,8 @@ def clone3_errno():
     return _sys.clone3_probe((os.getpid(),))
 
 
-def children_in_new_pid_namespace():
-    """unshare(CLONE_NEWPID) without a fork yet: the next child is that namespace's init."""
-    try:
-        active = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return False
-    try:
-        return os.stat("/proc/self/ns/pid_for_children").st_ino != active
-    except FileNotFoundError:
-        # The kernel hides a pid namespace that has no init yet.
-        return True
-    except OSError:
-        return False
-
-
 def probe_pid():
-    if children_in_new_pid_namespace():
+    if pids.children_in_new_pid_namespace():
         # A clone3 probe there could create the namespace's init: not probed.
         return Capability(True, "clone3", "not probed: the next child is the init of a new pid "
                           "namespace and must be pid 1 (or a tuple starting with 1)")
@@ -71,7 +56,7 @@ def probe_pid():
 
 
 def probe_tid():
-    if children_in_new_pid_namespace():
+    if pids.children_in_new_pid_namespace():
         return _knob_present("ns_last_pid")
     code = clone3_errno()
     if code == errno.EPERM:

@@ -12,6 +12,7 @@ os.forkpty, pty.openpty, pty.fork while a request is pending): an open of
 /dev/ptmx from C code cannot be steered without the seccomp supervisor.
 """
 import collections
+import errno
 import os
 import resource
 
@@ -87,12 +88,13 @@ def _instance_max(options):
     return limit
 
 
-def validate_pty(value):
-    try:
-        highest = find_instance().max - 1
-    except UnsupportedError:
-        highest = _global_pty_max() - 1
-    return validate_int("pty", value, 0, highest, "the devpts instance's max - 1")
+def validate_pty(value, instance=None):
+    if instance is None:
+        try:
+            instance = find_instance()
+        except UnsupportedError:
+            instance = Instance(PTMX, None, None, _global_pty_max())
+    return validate_int("pty", value, 0, instance.max - 1, "the devpts instance's max - 1")
 
 
 def _check_fd_budget(highest):
@@ -113,19 +115,35 @@ def open_many(indices, ptmx=PTMX):
     The fds are close-on-exec, like os.openpty's. All or nothing: a busy index
     raises IdBusyError and leaves no fd open and no index held.
     """
-    wanted = sorted({validate_pty(index) for index in indices})
-    if len(wanted) != len(list(indices)):
-        raise RequestError("pty indices must be distinct: %r" % (list(indices),), kind="pty")
+    indices = list(indices)
+    instance = find_instance(ptmx)
+    wanted = sorted({validate_pty(index, instance) for index in indices})
+    if len(wanted) != len(indices):
+        raise RequestError("pty indices must be distinct: %r" % (indices,), kind="pty")
     if not wanted:
         return {}
     _check_fd_budget(wanted[-1])
-    instance = find_instance(ptmx)
     lock = knobs.directory_lock(instance.root, "pts")
-    with lock.held():
-        masters, busy = _sys.ptmx_walk(instance.ptmx, tuple(wanted))
-    if busy >= 0:
-        raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)
-    return _with_slaves(dict(zip(wanted, masters)))
+    # A signal (Ctrl-C) between the walk and the slaves would leak ptys.
+    with _sys.signals_blocked(), lock.held():
+        masters, busy = _walk(instance, wanted)
+        if busy >= 0:
+            raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)
+        return _with_slaves(dict(zip(wanted, masters)))
+
+
+def _walk(instance, wanted):
+    try:
+        return _sys.ptmx_walk(instance.ptmx, tuple(wanted))
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UnsupportedError(
+            "pty index %d cannot be reached: the devpts instance at %s ran out of ptys "
+            "(its max=%d option, kernel.pty.max, and for instances other than the first "
+            "kernel.pty.max - kernel.pty.reserve)" % (wanted[-1], instance.root, instance.max),
+            kind="pty",
+        ) from None
 
 
 def _with_slaves(masters):
@@ -142,24 +160,31 @@ def _with_slaves(masters):
     return pairs
 
 
-def openpty():
-    """os.openpty, honouring this thread's pending pty request."""
+def _pending_pair():
+    """(pair, request, index) for this thread's pending pty request, not yet consumed."""
     found = pending("pty")
     if found is None:
-        return ORIGINALS["os.openpty"]()
+        return ORIGINALS["os.openpty"](), None, None
     req, index = found
-    pair = open_many([index])[index]
-    consume(req, "pty", index)
+    return open_many([index])[index], req, index
+
+
+def openpty():
+    """os.openpty, honouring this thread's pending pty request."""
+    pair, req, index = _pending_pair()
+    if req is not None:
+        consume(req, "pty", index)
     return pair
 
 
 def fork():
     """pty.fork / os.forkpty: (pid, master fd); the child runs on the slave.
 
-    Honours this thread's pending pty and pid requests. In the child the fd
-    returned is -1 (the stdlib's is closed, hence as invalid).
+    Honours this thread's pending pty and pid requests; neither is consumed
+    unless both the pty and the fork succeed. In the child the fd returned is
+    -1 (the stdlib's is closed, hence as invalid).
     """
-    master, slave = openpty()
+    (master, slave), req, index = _pending_pair()
     try:
         pid = pids.fork()
     except BaseException:
@@ -171,6 +196,8 @@ def fork():
         os.login_tty(slave)
         return 0, -1
     os.close(slave)
+    if req is not None:
+        consume(req, "pty", index)
     return pid, master
 
 

@@ -34,7 +34,9 @@ def _tasks():
 
 
 def _arm_knob(lock, tid):
-    knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", tid - 1)
+    with lock.alloc:
+        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", tid - 1)
+        lock.armed["ns_last_pid"] = tid - 1
 
 
 def arm(req, kind):
@@ -44,6 +46,7 @@ def arm(req, kind):
         _arm_knob(lock, req.ids["tid"])
         req.armed["tid"] = (lock, _tasks())
     except BaseException:
+        lock.armed.pop("ns_last_pid", None)
         lock.release()
         raise
 
@@ -51,6 +54,7 @@ def arm(req, kind):
 def disarm(req, kind):
     lock, before = req.armed.pop("tid")
     try:
+        lock.armed.pop("ns_last_pid", None)
         if "tid" not in req.consumed:
             _settle_unrouted(req, before)
         outer = enclosing_pending(req, "tid")
@@ -83,10 +87,12 @@ def start_thread(thread):
     if pids.pid_in_use(tid):
         raise IdBusyError("tid", tid, "in use (found before starting the thread)")
     lock = knobs.namespace_lock("pid")
-    with lock.held():
-        _arm_knob(lock, tid)
+    with lock.held(), lock.alloc:
+        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", tid - 1)
         _run_only_with_tid(thread, tid)
         ORIGINALS["threading.Thread.start"](thread)
+        # Consumed (or lost): nothing of this block stays armed.
+        lock.armed.pop("ns_last_pid", None)
     if thread.native_id != tid:
         thread.join()
         raise IdBusyError(
@@ -98,11 +104,12 @@ def start_thread(thread):
 
 
 def plain_start(thread):
+    """An unpinned thread start that cannot consume a tid a block of this process armed."""
     lock = knobs.existing_namespace_lock("pid") if knobs.any_held() else None
-    if lock is not None and lock.held_by_another_thread():
-        with lock.excluding_other_threads():
-            return ORIGINALS["threading.Thread.start"](thread)
-    return ORIGINALS["threading.Thread.start"](thread)
+    if lock is None:
+        return ORIGINALS["threading.Thread.start"](thread)
+    with lock.alloc, lock.steered_clear_of("ns_last_pid"):
+        return ORIGINALS["threading.Thread.start"](thread)
 
 
 def _run_only_with_tid(thread, tid):

@@ -38,14 +38,6 @@ def pytest_pyfunc_call(pyfuncitem):
     return True
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _tid_cache_offset_found_once():
-    # Found in the pytest process, so namespace children inherit it instead
-    # of each starting a probe thread.
-    _sys.tid_cache_offset()
-    yield
-
-
 @pytest.fixture
 def backend():
     """The _sys backend this test runs against (parametrized)."""

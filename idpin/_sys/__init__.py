@@ -10,8 +10,10 @@ as its own attributes; callers write ``_sys.clone3_fork(...)`` so that
 missing extension an ImportError instead of a fallback. Without the variable
 the extension is used when it was built, else the twin.
 """
+import contextlib
 import importlib
 import os
+import signal
 
 from ._abi import *  # noqa: F401,F403  (constants are part of the interface)
 from ._glibc import tid_cache_offset  # noqa: F401
@@ -37,6 +39,21 @@ INTERFACE = (
 )
 
 BACKENDS = ("cython", "ctypes")
+_ALL_SIGNALS = set(signal.valid_signals())
+
+
+@contextlib.contextmanager
+def signals_blocked():
+    """Hold signals (Ctrl-C among them) across steps that must not be split.
+
+    They stay pending and are handled once the block ends, when everything
+    opened is either handed to the caller or closed again.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 BACKEND = None
 load_error = None
 
@@ -70,3 +87,8 @@ def _load_default():
 
 
 _load_default()
+
+try:
+    tid_cache_offset()
+except RuntimeError:
+    pass  # the clone3 fork path reports it, and falls back to ns_last_pid

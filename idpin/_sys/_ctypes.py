@@ -20,6 +20,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_gil = ctypes.PyDLL(None, use_errno=True)
 _api = ctypes.pythonapi
 
+_ALL_SIGNALS = set(signal.valid_signals())
+
 _raw_syscall = _libc.syscall
 _raw_syscall.restype = ctypes.c_long
 _fork_syscall = _libc_gil.syscall
@@ -82,6 +84,9 @@ def clone3_fork(set_tid, tid_offset):
         set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID, tid_cache
     )
     head, size = _get_robust_list()
+    # Python code runs between these C calls here: a signal handler raising
+    # there would skip PyOS_AfterFork_* and leave the import lock held.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     _api.PyOS_BeforeFork()
     pid = _fork_syscall(ctypes.c_long(_abi.SYS_clone3), ctypes.byref(args),
                         ctypes.c_size_t(ctypes.sizeof(args)))
@@ -89,9 +94,11 @@ def clone3_fork(set_tid, tid_offset):
         # The kernel dropped the robust futex registration in the child.
         _fork_syscall(ctypes.c_long(_abi.SYS_set_robust_list), head, size)
         _api.PyOS_AfterFork_Child()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return 0
     code = ctypes.get_errno()
     _api.PyOS_AfterFork_Parent()
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if pid < 0:
         raise OSError(code, "clone3(set_tid=%s): %s" % (list(set_tid), os.strerror(code)))
     del tids

@@ -5,9 +5,13 @@ tid in it; glibc reads that cache for pthread_self()-based calls, so those
 would silently target the parent (KERNEL.md). Passing CLONE_CHILD_SETTID with
 child_tid pointing at the cache makes the kernel refresh it in the child.
 glibc does not export the offset, so it is found by looking for gettid()
-inside pthread_self()'s struct in this thread and in a probe thread: the one
-offset that holds each thread's own tid in both.
+inside pthread_self()'s struct. It is found once, when idpin._sys is
+imported (before any request exists, so nothing can consume a pending tid).
+If this thread's struct holds its tid at more than one offset, a probe
+thread started with the raw _thread module (never routed through idpin)
+settles it: the one offset that holds each thread's own tid in both.
 """
+import _thread
 import ctypes
 import os
 import threading
@@ -58,17 +62,32 @@ def tid_cache_offset():
 
 def _find_offset():
     here = _candidates()
-    there = []
-    single = len(os.listdir("/proc/self/task")) == 1
-    probe = threading.Thread(target=lambda: there.append(_candidates()), name="idpin-tid-probe")
-    probe.start()
-    probe.join()
-    if single:
-        _wait_until_single_threaded()
-    common = here & there[0]
+    if len(here) == 1:
+        return next(iter(here))
+    there = _candidates_in_probe_thread()
+    common = here & there
     if len(common) != 1:
         raise RuntimeError(
             "idpin: cannot locate glibc's cached tid in struct pthread "
-            "(candidates %s / %s); the clone3 fork path is unavailable" % (sorted(here), sorted(there[0]))
+            "(candidates %s / %s); the clone3 fork path is unavailable" % (sorted(here), sorted(there))
         )
     return common.pop()
+
+
+def _candidates_in_probe_thread():
+    single = len(os.listdir("/proc/self/task")) == 1
+    found = []
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def probe():
+        try:
+            found.append(_candidates())
+        finally:
+            done.release()
+
+    _thread.start_new_thread(probe, ())
+    done.acquire()
+    if single:
+        _wait_until_single_threaded()
+    return found[0] if found else set()
