@@ -1,1 +1,97 @@
-"""``idpin bench``: the race-condition suite and the performance benchmarks."""
+"""``idpin bench``: the race-condition suite and the performance benchmarks.
+
+    idpin bench race [--quick] [--plot] [--out DIR]
+    idpin bench perf [--quick] [--plot] [--out DIR]
+
+Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
+knob of the host is ever written. Each suite prints its tables, puts its
+section in DIR/results.json and, with --plot, draws DIR/<suite>.png
+(matplotlib: the ``bench`` extra). ``--quick`` is the CI smoke mode: small
+runs that check correctness invariants only (no wrong id from idpin, nothing
+left behind), never speed.
+
+Exit status: 0 when every invariant held, 1 when one broke, 2 when the
+tables were written but the plot could not be.
+"""
+import argparse
+import os
+import sys
+
+from .. import _sys
+from . import machine, race
+from .report import write_results
+
+DEFAULT_OUT = os.path.join("benchmarks", "results")
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
+    sub = p.add_subparsers(dest="suite", required=True)
+    for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
+                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side")):
+        suite = sub.add_parser(name, help=text, description=text)
+        suite.add_argument("--quick", action="store_true",
+                           help="a short smoke run that checks correctness invariants only")
+        suite.add_argument("--plot", action="store_true", help="also draw PNG charts (needs matplotlib)")
+        suite.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                           help="where results.json and the charts go (default: %(default)s)")
+    return p
+
+
+def main(argv, out=None):
+    """Run ``idpin bench <argv>``; the exit status."""
+    out = out or sys.stdout
+    args = parser().parse_args(argv)
+    # Found here once, so that namespace children inherit it instead of each
+    # starting a probe thread (a worker with a thread cannot use clone3).
+    _sys.tid_cache_offset()
+    backends, missing = machine.available_backends()
+    for name, why in missing.items():
+        out.write("note: the %s backend is not available (%s); its cells are skipped\n" % (name, why))
+    section = SUITES[args.suite](args, backends)
+    section["command"] = "idpin bench " + " ".join(argv)
+    section["machine"] = machine.describe()
+    section["machine_line"] = machine.one_line(section["machine"])
+    section["mode"] = "quick" if args.quick else "full"
+    section["ok"] = not section["violations"]
+    RENDER[args.suite](section, out)
+    out.write("\nresults: %s\n" % write_results(args.out, args.suite, section))
+    status = 0 if section["ok"] else 1
+    if args.plot:
+        status = status or draw(args.suite, section, args.out, out)
+    return status
+
+
+def run_race(args, backends):
+    cells, seconds = race.run_suite(args.quick, backends)
+    return {"suite": "race", "seconds": seconds, "cells": cells, "violations": race.violations(cells)}
+
+
+def run_perf(args, backends):
+    from . import perf
+
+    rows, seconds = perf.run_suite(args.quick, backends)
+    return {"suite": "perf", "seconds": seconds, "rows": rows, "violations": perf.violations(rows)}
+
+
+def render_perf(section, out):
+    from . import perf
+
+    perf.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf}
+RENDER = {"race": race.render, "perf": render_perf}
+
+
+def draw(suite, section, out_dir, out):
+    """Draw the suite's chart; 0, or 2 when matplotlib is missing."""
+    try:
+        from . import plots
+    except ImportError as err:
+        out.write("no plot: %s; install it with: pip install 'idpin[bench]'\n" % err)
+        return 2
+    path = plots.DRAW[suite](section, out_dir)
+    out.write("plot: %s\n" % path)
+    return 0
