@@ -25,9 +25,13 @@ knob: idpin detects it (the id differs) and raises IdBusyError; the kernel
 offers no way to prevent it.
 """
 import collections
+import contextlib
+import errno
+import operator
+import os
 
 from . import _sys, knobs
-from .errors import IdBusyError, RequestError
+from .errors import IdBusyError, RequestError, UnsupportedError
 from .request import Kind, consume, enclosing_pending, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
@@ -82,10 +86,65 @@ def _consume_stale_knobs(lock):
 
 
 def consume_knob(kind, lock):
-    """Use up an armed knob with a throwaway object, removed at once."""
+    """Use up an armed knob with a throwaway object, removed at once.
+
+    A full namespace refuses the throwaway before it reads the knob, which
+    would stay armed for a later, unrelated creation: then the limits are
+    raised by one for the throwaway and put back.
+    """
+    try:
+        _throwaway(kind)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        with _one_more_object(kind):
+            _throwaway(kind)
+
+
+def _throwaway(kind):
     code = CODE[kind]
-    throwaway = _sys.ipc_get(code, IPC_PRIVATE, 1, IPC_CREAT | 0o600)
-    _sys.ipc_remove(code, throwaway)
+    _sys.ipc_remove(code, _sys.ipc_get(code, IPC_PRIVATE, 1, IPC_CREAT | 0o600))
+
+
+# The limits a throwaway object counts against, per kind: (file, field).
+_LIMITS = {
+    "msg": [("msgmni", 0)],
+    "shm": [("shmmni", 0), ("shmall", 0)],
+    "sem": [("sem", 1), ("sem", 3)],  # semmns, semmni
+}
+
+
+@contextlib.contextmanager
+def _one_more_object(kind):
+    changed = []
+    try:
+        for name, field in _LIMITS[kind]:
+            changed.append((name, _bump_limit(name, field)))
+        yield
+    except PermissionError:
+        raise UnsupportedError(
+            "%s stays armed: the IPC namespace is full and raising its limits was refused; "
+            "remove a %s object, then take the lock again (any idpin request) to consume it"
+            % (KNOB[kind], kind), kind=kind,
+        ) from None
+    finally:
+        for name, text in reversed(changed):
+            _write_text("/proc/sys/kernel/" + name, text)
+
+
+def _bump_limit(name, field):
+    path = "/proc/sys/kernel/" + name
+    with open(path) as f:
+        text = f.read()
+    values = text.split()
+    values[field] = str(int(values[field]) + 1)
+    _write_text(path, " ".join(values))
+    return text
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _holder(kind, id):
@@ -108,18 +167,38 @@ def arm(req, kind):
         holder = _holder(kind, value)
         if holder != -1:
             raise _busy_error(kind, value, holder)
+        req.armed[kind] = (lock, existing_ids(kind))
         knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], value)
-        req.armed[kind] = lock
     except BaseException:
+        req.armed.pop(kind, None)
         lock.release()
         raise
 
 
+def existing_ids(kind):
+    """{id: creator pid or None} of every object of ``kind`` in this IPC namespace.
+
+    Only shm records its creator; /proc shows it in /proc's own pid namespace.
+    """
+    with open("/proc/sysvipc/" + kind) as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    if kind == "shm":
+        return {int(row[1]): int(row[4]) for row in rows}
+    return {int(row[1]): None for row in rows}
+
+
+def _proc_pid():
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return None
+
+
 def disarm(req, kind):
-    lock = req.armed.pop(kind)
+    lock, before = req.armed.pop(kind)
     try:
         if kind not in req.consumed:
-            _settle_unrouted(req, kind, lock)
+            _settle_unrouted(req, kind, lock, before)
         outer = enclosing_pending(req, kind)
         if outer is not None:
             knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], outer)
@@ -127,24 +206,43 @@ def disarm(req, kind):
         lock.release()
 
 
-def _settle_unrouted(req, kind, lock):
+def _settle_unrouted(req, kind, lock, before):
+    """Check a creation idpin did not route, from what changed during the block.
+
+    Any creation of this kind in the namespace consumes the knob, so if more
+    than one object appeared, idpin cannot tell which creation got the id,
+    and says so rather than guess.
+    """
     value = req.ids[kind]
     now = _sys.knob_read(lock.knob(KNOB[kind]))
     if now == value:
         consume_knob(kind, lock)
         return
-    if now == _IDLE and _holder(kind, value) == value:
-        consume(req, kind, value)
-        return
     if now != _IDLE:
         consume_knob(kind, lock)
-        what = "%s was overwritten with %d by a process outside idpin's lock" % (KNOB[kind], now)
-    else:
-        what = (
-            "a creation consumed %s but no object has the id (a process outside "
-            "idpin's lock took the knob, or the id was taken meanwhile)" % KNOB[kind]
-        )
-    raise IdBusyError(kind, value, what)
+        raise IdBusyError(kind, value, "%s was overwritten with %d by a process outside idpin's "
+                          "lock" % (KNOB[kind], now))
+    after = existing_ids(kind)
+    new = sorted(set(after) - set(before))
+    if new == [value] and after[value] in (None, _proc_pid()):
+        consume(req, kind, value)
+        return
+    if value in new and kind == "shm" and after[value] == _proc_pid():
+        consume(req, kind, value)
+        return
+    raise IdBusyError(kind, value, _unrouted_failure(kind, value, new, after))
+
+
+def _unrouted_failure(kind, value, new, after):
+    if value not in new:
+        return ("a creation consumed %s, but no new object has the id (new: %s); a process "
+                "outside idpin's lock took the knob, or the index was taken meanwhile"
+                % (KNOB[kind], new or "none"))
+    if kind == "shm" and after[value] not in (None, _proc_pid()):
+        return "shm %d was created by pid %d, not by this process" % (value, after[value])
+    return ("%d %s objects were created during the block (%s) and any creation consumes the "
+            "knob: idpin cannot tell which one got the id; create with idpin.ipc.%sget for an "
+            "exact answer" % (len(new), kind, ", ".join(map(str, new)), kind))
 
 
 # -- routed creations -------------------------------------------------------
@@ -177,7 +275,27 @@ def _code(kind):
         raise RequestError("IPC kind must be one of %s, not %r" % (", ".join(KINDS), kind)) from None
 
 
+# C argument ranges of semget/shmget/msgget: key_t and int flags (negative
+# or unsigned spellings both), int nsems, size_t size.
+_KEY_RANGE = (-(2**31), 2**32 - 1)
+_ARG_RANGES = {"sem": ("nsems", 0, INT_MAX), "shm": ("size", 0, 2**64 - 1), "msg": ("arg", 0, 0)}
+
+
+def _check_c_args(kind, key, arg, flags):
+    name, low, high = _ARG_RANGES[kind]
+    for what, value, (lo, hi) in (("key", key, _KEY_RANGE), (name, arg, (low, high)),
+                                  ("flags", flags, _KEY_RANGE)):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            raise RequestError("%sget: %s must be an int, not %r" % (kind, what, value), kind=kind) from None
+        if isinstance(value, bool) or not lo <= number <= hi:
+            raise RequestError("%sget: %s must be an int in %d..%d, not %r" % (kind, what, lo, hi, value),
+                               kind=kind)
+
+
 def _get(kind, key, arg, flags):
+    _check_c_args(kind, key, arg, flags)
     found = pending(kind)
     if found is None or not _may_allocate(key, flags):
         return _plain_get(kind, key, arg, flags)
@@ -317,6 +435,8 @@ def create_many(specs):
             for kind in KINDS:
                 restore_knob(kind, lock)
             raise
+        for kind in {spec.kind for spec in specs}:
+            restore_knob(kind, lock)  # a block of this thread may have armed it
     return [id for _, id in created]
 
 

@@ -97,7 +97,9 @@ def _preload():
     import idpin
 
     for module in pkgutil.walk_packages(idpin.__path__, "idpin."):
-        if module.name != "idpin.__main__":
+        # Not the benchmarks: their plotting imports start threads, and a
+        # multi-threaded process cannot create a user namespace.
+        if module.name != "idpin.__main__" and not module.name.startswith("idpin.bench"):
             try:
                 importlib.import_module(module.name)
             except ImportError:

@@ -1,3 +1,4 @@
+import errno
 import os
 import signal
 import threading
@@ -90,6 +91,76 @@ def test_foreign_creation_that_missed_is_reported_at_block_exit():
             assert other.id == 12
             other.remove()
     assert knob("sem_next_id") == -1
+
+
+def test_unrouted_creation_cannot_be_credited_when_another_process_took_the_knob():
+    with pytest.raises(idpin.IdBusyError, match="cannot tell which one") as info:
+        with idpin.request(sem=SEM) as req:
+            other = os.fork()
+            if other == 0:  # a process outside idpin creates first
+                sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX)
+                os._exit(0)
+            reap(other)
+            mine = sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX)
+    assert mine.id != SEM and req.consumed == {} and info.value.id == SEM
+    mine.remove()
+    ipc.remove("sem", SEM)
+
+
+def test_unrouted_shm_is_credited_by_its_creator_pid():
+    with idpin.request(shm=SHM) as req:
+        mine = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, size=4096)
+        second = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, size=4096)  # ordinary
+    assert mine.id == SHM and second.id != SHM and req.consumed == {"shm": SHM}
+    for segment in (mine, second):
+        segment.detach()
+        segment.remove()
+
+
+def test_full_namespace_still_leaves_no_knob_armed():
+    with open("/proc/sys/kernel/msgmni", "w") as f:
+        f.write("1")
+    queue = ipc.msgget(ipc.IPC_PRIVATE, 0o600)  # the namespace is now full
+    with idpin.request(msg=MSG) as req:
+        with pytest.raises(OSError) as info:
+            ipc.msgget(ipc.IPC_PRIVATE, 0o600)
+        assert info.value.errno == errno.ENOSPC
+    assert knob("msg_next_id") == -1 and req.consumed == {}
+    with open("/proc/sys/kernel/msgmni") as f:
+        assert f.read().strip() == "1"  # the limit was put back
+    ipc.remove("msg", queue)
+    assert ipc.msgget(ipc.IPC_PRIVATE, 0o600) != MSG  # nothing left to hijack it
+    ipc.remove("msg", knob_id_of_last_queue())
+
+
+def knob_id_of_last_queue():
+    with open("/proc/sysvipc/msg") as f:
+        return int(f.readlines()[-1].split()[1])
+
+
+def test_create_many_inside_a_block_keeps_the_blocks_knob_armed():
+    with idpin.request(sem=SEM) as req:
+        assert ipc.create_many([("sem", SEM + 1), ("shm", SHM)]) == [SEM + 1, SHM]
+        assert knob("sem_next_id") == SEM
+        assert ipc.semget(ipc.IPC_PRIVATE, 1, 0o600) == SEM
+    assert req.consumed == {"sem": SEM}
+    remove_all(shm=SHM)
+    ipc.remove("sem", SEM), ipc.remove("sem", SEM + 1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ipc.semget(None, 1, 0o600), "key must be an int"),
+    (lambda: ipc.semget(0, 2**32 + 2, 0o600), "nsems must be an int in 0..2147483647"),
+    (lambda: ipc.shmget(0, -1, 0o600), "size must be"),
+    (lambda: ipc.msgget(0, "0600"), "flags must be an int"),
+    (lambda: ipc.semget(True, 1, 0o600), "key"),
+])
+def test_bad_c_arguments_are_refused_before_anything_happens(call, match):
+    with idpin.request(sem=SEM, msg=MSG) as req:
+        with pytest.raises(idpin.RequestError, match=match):
+            call()
+        assert knob("sem_next_id") == SEM and knob("msg_next_id") == MSG
+    assert req.consumed == {}
 
 
 def test_a_stale_knob_is_consumed_by_the_next_lock_holder():

@@ -118,7 +118,31 @@ def test_private_devpts_instance(tmp_path):
             close(master, slave)
         close(other_master, other_slave)
     finally:
-        os.system("umount %s" % root)
+        # idpin keeps nothing open on the instance: it can be unmounted.
+        assert os.system("umount %s" % root) == 0
+
+
+def test_busy_pid_in_forkpty_keeps_the_pty_request_pending():
+    with idpin.request(pid=1, pty=3) as req:
+        with pytest.raises(idpin.IdBusyError):
+            os.forkpty()
+        assert open_indices() == [] and req.consumed == {}
+        master, slave = os.openpty()
+    assert os.ttyname(slave) == "/dev/pts/3" and req.consumed == {"pty": 3}
+    close(master, slave)
+
+
+def test_index_beyond_an_instance_max_is_refused(tmp_path):
+    root = tmp_path / "pts"
+    root.mkdir()
+    _sys.mount("devpts", str(root), "devpts", 0, "newinstance,ptmxmode=0666,max=2")
+    try:
+        with pytest.raises(idpin.RequestError, match="0..1"):
+            idpin_pty.open_many([5], ptmx=str(root / "ptmx"))
+        pairs = idpin_pty.open_many(iter([1]), ptmx=str(root / "ptmx"))
+        close(*pairs[1])
+    finally:
+        assert os.system("umount %s" % root) == 0
 
 
 def test_sem_and_pty_in_one_block():
