@@ -55,8 +55,9 @@ def main(argv, out=None):
     section["machine_line"] = machine.one_line(section["machine"])
     section["mode"] = "quick" if args.quick else "full"
     section["ok"] = not section["violations"]
+    path = write_results(args.out, args.suite, section)  # first: a closed stdout loses nothing
     RENDER[args.suite](section, out)
-    out.write("\nresults: %s\n" % write_results(args.out, args.suite, section))
+    out.write("\nresults: %s\n" % path)
     status = 0 if section["ok"] else 1
     if args.plot:
         status = status or draw(args.suite, section, args.out, out)
