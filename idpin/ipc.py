@@ -168,11 +168,18 @@ def arm(req, kind):
         if holder != -1:
             raise _busy_error(kind, value, holder)
         req.armed[kind] = (lock, existing_ids(kind))
-        knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], value)
+        _arm(lock, kind, value)
     except BaseException:
         req.armed.pop(kind, None)
+        lock.armed.pop(KNOB[kind], None)
         lock.release()
         raise
+
+
+def _arm(lock, kind, value):
+    with lock.alloc:
+        knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], value)
+        lock.armed[KNOB[kind]] = value
 
 
 def existing_ids(kind):
@@ -199,9 +206,10 @@ def disarm(req, kind):
     try:
         if kind not in req.consumed:
             _settle_unrouted(req, kind, lock, before)
+        lock.armed.pop(KNOB[kind], None)
         outer = enclosing_pending(req, kind)
         if outer is not None:
-            knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], outer)
+            _arm(lock, kind, outer)
     finally:
         lock.release()
 
@@ -314,11 +322,17 @@ def _may_allocate(key, flags):
 
 
 def _plain_get(kind, key, arg, flags):
-    lock = knobs.existing_namespace_lock("ipc") if knobs.any_held() else None
-    if lock is not None and lock.held_by_another_thread():
+    """A creation that asked for nothing: it must not consume a knob another
+    thread of this process armed, so it waits for that block to end."""
+    lock = knobs.existing_namespace_lock("ipc")
+    if lock is None or not _may_allocate(key, flags) or lock.held_by_this_thread():
+        return _sys.ipc_get(CODE[kind], key, arg, flags)
+    while True:
+        with lock.alloc:
+            if KNOB[kind] not in lock.armed:
+                return _sys.ipc_get(CODE[kind], key, arg, flags)
         with lock.excluding_other_threads():
-            return _sys.ipc_get(CODE[kind], key, arg, flags)
-    return _sys.ipc_get(CODE[kind], key, arg, flags)
+            pass
 
 
 def create_pinned(kind, value, key, arg, flags):
@@ -329,7 +343,7 @@ def create_pinned(kind, value, key, arg, flags):
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
     """
     lock = ipc_lock()
-    with lock.held():
+    with lock.held(), lock.alloc:
         try:
             got = _sys.ipc_create_pinned(
                 lock.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
@@ -348,6 +362,7 @@ def create_pinned(kind, value, key, arg, flags):
                 kind, value,
                 "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
             )
+        lock.armed.pop(KNOB[kind], None)  # consumed
     return got
 
 
@@ -362,6 +377,7 @@ def restore_knob(kind, lock):
     found = pending(kind)
     if found is not None:
         knobs.write_knob(fd, KNOB[kind], found[1])
+        lock.armed[KNOB[kind]] = found[1]
     elif _sys.knob_read(fd) != _IDLE:
         consume_knob(kind, lock)
 
@@ -421,7 +437,7 @@ def create_many(specs):
         return []
     lock = ipc_lock()
     created = []
-    with lock.held():
+    with lock.held(), lock.alloc:
         try:
             for spec in specs:
                 holder = _holder(spec.kind, spec.id)

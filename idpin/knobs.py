@@ -217,7 +217,12 @@ def directory_lock(path, label):
 
 
 def existing_namespace_lock(kind):
-    """The lock if this process has made one for its current namespace, else None."""
+    """The lock if this process has made one for its current namespace, else None.
+
+    Free for a process that never made a request (no lookup at all).
+    """
+    if not _locks:
+        return None
     try:
         st = os.stat("/proc/self/ns/" + kind)
     except OSError:

@@ -98,7 +98,7 @@ def fork(pid=None, mechanism=None):
 
 def plain_fork():
     """An unpinned fork that cannot consume a knob a block of this process armed."""
-    lock = knobs.existing_namespace_lock("pid") if knobs.any_held() else None
+    lock = knobs.existing_namespace_lock("pid")
     if lock is None:
         return ORIGINALS["os.fork"]()
     with lock.alloc, lock.steered_clear_of("ns_last_pid"):

@@ -105,7 +105,7 @@ def start_thread(thread):
 
 def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
-    lock = knobs.existing_namespace_lock("pid") if knobs.any_held() else None
+    lock = knobs.existing_namespace_lock("pid")
     if lock is None:
         return ORIGINALS["threading.Thread.start"](thread)
     with lock.alloc, lock.steered_clear_of("ns_last_pid"):
