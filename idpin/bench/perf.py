@@ -14,7 +14,9 @@ machine drifts, and pairing cancels the drift.
   Two more rows split the gap: ``ipc.create_pinned`` alone, and the bare
   backend calls idpin's path ends in, made from Python.
 - batch: ``idpin.ipc.create_many`` of sem, shm and msg objects vs creating
-  the same objects unpinned (``idpin.ipc.semget`` etc. outside a request).
+  the same objects unpinned with the backend's bare call; the same
+  unpinned creations through ``idpin.ipc.semget`` etc. (outside a request)
+  are shown against that floor too.
 - pty: ``idpin.pty.open_many`` of several indices (one walk) vs a single
   walk to the highest of them, and vs one walk per index.
 
@@ -41,7 +43,7 @@ from .workers import run_parallel
 Shape = collections.namedtuple(
     "Shape", "fork_rounds fork_per_round sysv_rounds sysv_per_round batch_rounds batch_size "
              "batch_reps pty_rounds pty_indices")
-FULL = Shape(fork_rounds=15, fork_per_round=100, sysv_rounds=15, sysv_per_round=500,
+FULL = Shape(fork_rounds=25, fork_per_round=100, sysv_rounds=15, sysv_per_round=500,
              batch_rounds=15, batch_size=64, batch_reps=10, pty_rounds=9,
              pty_indices=tuple(range(32, 257, 32)))
 QUICK = Shape(fork_rounds=2, fork_per_round=6, sysv_rounds=2, sysv_per_round=10,
@@ -328,26 +330,37 @@ def batch_specs(size):
 def timed_batch(specs):
     began = time.perf_counter()
     ids = ipc.create_many(specs)
-    seconds = time.perf_counter() - began
-    return seconds, ids
+    return time.perf_counter() - began, ids
 
 
-def timed_plain(specs):
+def timed_routed(specs):
+    """Unpinned creations through idpin's API (outside any request)."""
     began = time.perf_counter()
     ids = [SysV.CREATE[spec.kind](spec.size) for spec in specs]
     return time.perf_counter() - began, ids
 
 
+def timed_raw(specs):
+    """The floor: the backend's bare creation call, no idpin logic at all."""
+    calls = [(_sys.IPC_KIND_CODES[spec.kind], spec.size) for spec in specs]
+    get, private, flags = _sys.ipc_get, ipc.IPC_PRIVATE, SYSV_FLAGS
+    began = time.perf_counter()
+    ids = [get(code, private, size, flags) for code, size in calls]
+    return time.perf_counter() - began, ids
+
+
+BATCH_WAYS = {"create_many": timed_batch, "routed": timed_routed, "raw": timed_raw}
+
+
 def measure_batch(rounds, size, reps):
     specs = batch_specs(size)
-    ways = {"create_many": timed_batch, "plain": timed_plain}
-    rates = {name: [] for name in ways}
+    rates = {name: [] for name in BATCH_WAYS}
     wrong = 0
     for round_ in range(rounds):
-        for name in rotated(list(ways), round_):
+        for name in rotated(list(BATCH_WAYS), round_):
             total = 0.0
             for _ in range(reps):
-                seconds, ids = ways[name](specs)
+                seconds, ids = BATCH_WAYS[name](specs)
                 total += seconds
                 if name == "create_many":
                     wrong += sum(got != spec.id for got, spec in zip(ids, specs))
@@ -359,9 +372,14 @@ def measure_batch(rounds, size, reps):
 
 def batch_rows(backend, shape):
     got = in_namespaces(measure_batch, backend, shape.batch_rounds, shape.batch_size, shape.batch_reps)
-    return [rate_row("batch of %d: create_many" % shape.batch_size, backend, "objects/s",
-                     got["rates"]["create_many"], got["rates"]["plain"], (">=", 0.5),
-                     wrong=got["wrong"], checked=got["checked"], leaks=got["leaks"])]
+    rates, label = got["rates"], "batch of %d" % shape.batch_size
+    common = dict(checked=got["checked"], leaks=got["leaks"])
+    return [
+        rate_row(label + ": create_many", backend, "objects/s", rates["create_many"], rates["raw"],
+                 (">=", 0.5), wrong=got["wrong"], **common),
+        rate_row(label + ": unpinned idpin.ipc.*get", backend, "objects/s", rates["routed"],
+                 rates["raw"], None, wrong=0, **common),
+    ]
 
 
 # -- ptys -----------------------------------------------------------------------------
@@ -525,8 +543,10 @@ sysv <kind>: 'request block' is `with idpin.request(sem=N): idpin.ipc.semget()`
   then idpin.ipc.remove; 'ipc.create_pinned' is that call alone; '_sys calls'
   is flock, _sys.ipc_create_pinned (pwrite + create), unlock and remove from
   Python. The floor is the same syscalls in a C loop (floor.c), one call.
-batch: idpin.ipc.create_many of sem, shm and msg objects vs the same
-  objects created unpinned (idpin.ipc.semget/shmget/msgget, no request).
+batch: idpin.ipc.create_many of sem, shm and msg objects vs creating the
+  same objects unpinned with the backend's bare call (_sys.ipc_get); and
+  the same unpinned creations through idpin.ipc.semget/shmget/msgget
+  outside any request, vs that floor.
 pty: idpin.pty.open_many(indices), one walk, vs open_many of the highest
   index alone; and one open_many per index vs the one walk."""
 

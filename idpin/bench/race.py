@@ -13,7 +13,7 @@ throughput and latency. The invariants: no idpin strategy ever hands out a
 wrong id, and no cell leaves anything behind or fails unexpectedly.
 """
 import collections
-import os
+import resource
 import time
 
 from .. import testing
@@ -25,7 +25,7 @@ from .strategies import CHECK_TRIES, IDPIN, OBTAIN, REFUSED, strategies_for
 from .workers import run_parallel
 
 MIXED = "mixed"
-FULL = {"workers": (1, 2, 4, 8), "noise": (0, 2), "attempts": 240}
+FULL = {"workers": (1, 2, 4, 8), "noise": (0, 2), "attempts": 480}
 # CI smoke: every kind and strategy once, under noise, in a few seconds.
 QUICK = {"workers": (2,), "noise": (1,), "attempts": 12}
 CELL_TIMEOUT = 90.0
@@ -120,12 +120,26 @@ def attempt_all(pairs, strategy_name):
 
 def run_cell(scenario, strategy):
     """One cell, as pid 1 of fresh namespaces: noise, workers, then the leftovers."""
+    allow_fds_for_kept_ptys(scenario)
     fds_before = testing.open_fds()
     plans = [plan(scenario, worker) for worker in range(scenario.workers)]
     with Noise(scenario.kinds, scenario.noise) as noise:
         outcomes = run_parallel(lambda index: attempt_all(plans[index], strategy.name), scenario.workers)
     leaks = testing.leftovers(fds_before)
     return summarize(scenario, strategy, outcomes, noise, leaks)
+
+
+def allow_fds_for_kept_ptys(scenario):
+    """Raise this process's soft RLIMIT_NOFILE so one worker can hold its ptys.
+
+    A worker keeps every pty it got (one fd each) and a walk to index N holds
+    about N fds more: with all the attempts in one worker that passes the
+    common soft limit of 1024. Only this namespace's processes inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * (scenario.attempts + kind_module.Ptys.BASE) + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
 
 
 def summarize(scenario, strategy, outcomes, noise, leaks):
