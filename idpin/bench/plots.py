@@ -93,7 +93,7 @@ def draw_perf(section, out_dir):
 def _save(fig, out_dir, name):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long row labels stay inside
     plt.close(fig)
     return path
 
