@@ -32,7 +32,7 @@ import os
 
 from . import _sys, knobs
 from .errors import IdBusyError, RequestError, UnsupportedError
-from .request import Kind, consume, enclosing_pending, pending, register_kind, validate_int
+from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
 IPC_CREAT = _sys.IPC_CREAT
@@ -167,11 +167,12 @@ def arm(req, kind):
         holder = _holder(kind, value)
         if holder != -1:
             raise _busy_error(kind, value, holder)
-        req.armed[kind] = (lock, existing_ids(kind))
+        req.armed[kind] = (lock, existing_ids(kind), lock.watch(kind))
         _arm(lock, kind, value)
     except BaseException:
-        req.armed.pop(kind, None)
-        lock.armed.pop(KNOB[kind], None)
+        entry = req.armed.pop(kind, None)
+        if entry is not None:
+            lock.unwatch(kind, entry[2])
         lock.release()
         raise
 
@@ -202,19 +203,30 @@ def _proc_pid():
 
 
 def disarm(req, kind):
-    lock, before = req.armed.pop(kind)
+    lock, before, routed = req.armed.pop(kind)
     try:
         if kind not in req.consumed:
-            _settle_unrouted(req, kind, lock, before)
-        lock.armed.pop(KNOB[kind], None)
-        outer = enclosing_pending(req, kind)
-        if outer is not None:
-            _arm(lock, kind, outer)
+            _settle_unrouted(req, kind, lock, before, routed)
     finally:
-        lock.release()
+        try:
+            with lock.alloc:
+                lock.armed.pop(KNOB[kind], None)
+            lock.unwatch(kind, routed)
+            outer = enclosing_pending_request(req, kind)
+            if outer is not None:
+                _rearm_outer(lock, outer, kind)
+        finally:
+            lock.release()
 
 
-def _settle_unrouted(req, kind, lock, before):
+def _rearm_outer(lock, outer, kind):
+    # What the inner block's creators made is not the outer block's to judge.
+    _, _, routed = outer.armed[kind]
+    outer.armed[kind] = (lock, existing_ids(kind), routed)
+    _arm(lock, kind, outer.ids[kind])
+
+
+def _settle_unrouted(req, kind, lock, before, routed):
     """Check a creation idpin did not route, from what changed during the block.
 
     Any creation of this kind in the namespace consumes the knob, so if more
@@ -231,7 +243,7 @@ def _settle_unrouted(req, kind, lock, before):
         raise IdBusyError(kind, value, "%s was overwritten with %d by a process outside idpin's "
                           "lock" % (KNOB[kind], now))
     after = existing_ids(kind)
-    new = sorted(set(after) - set(before))
+    new = sorted(set(after) - set(before) - routed)
     if new == [value] and after[value] in (None, _proc_pid()):
         consume(req, kind, value)
         return
@@ -322,17 +334,34 @@ def _may_allocate(key, flags):
 
 
 def _plain_get(kind, key, arg, flags):
-    """A creation that asked for nothing: it must not consume a knob another
-    thread of this process armed, so it waits for that block to end."""
+    """A creation that asked for nothing must not consume a knob a block armed.
+
+    Another thread's block: wait while a knob of this kind is armed. A
+    process forked inside a block of its parent: take the namespace lock like
+    any other process (so it waits for that block to end).
+    """
     lock = knobs.existing_namespace_lock("ipc")
-    if lock is None or not _may_allocate(key, flags) or lock.held_by_this_thread():
+    if not _may_allocate(key, flags):
         return _sys.ipc_get(CODE[kind], key, arg, flags)
+    if lock is None:
+        if KNOB[kind] not in knobs.inherited_armed("ipc"):
+            return _sys.ipc_get(CODE[kind], key, arg, flags)
+        lock = ipc_lock()
+        with lock.held():
+            return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
+    if lock.held_by_this_thread():
+        return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
     while True:
         with lock.alloc:
             if KNOB[kind] not in lock.armed:
-                return _sys.ipc_get(CODE[kind], key, arg, flags)
+                return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
         with lock.excluding_other_threads():
             pass
+
+
+def _noted(lock, kind, id):
+    lock.note(kind, id)
+    return id
 
 
 def create_pinned(kind, value, key, arg, flags):
@@ -363,6 +392,7 @@ def create_pinned(kind, value, key, arg, flags):
                 "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
             )
         lock.armed.pop(KNOB[kind], None)  # consumed
+        lock.note(kind, got)
     return got
 
 
@@ -402,10 +432,9 @@ def _as_spec(item):
             "spec kind must be one of %s, not %r" % (", ".join(KINDS), spec.kind), kind=spec.kind
         )
     KIND_OBJECTS[spec.kind].validate(spec.id)
-    for field in ("key", "size", "mode"):
-        value = getattr(spec, field)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError("spec %s must be an int, not %r" % (field, value), kind=spec.kind)
+    if isinstance(spec.mode, bool) or not isinstance(spec.mode, int):
+        raise RequestError("spec mode must be an int, not %r" % (spec.mode,), kind=spec.kind)
+    _check_c_args(spec.kind, spec.key, spec.size if spec.kind != "msg" else 0, spec.mode)
     if spec.mode & ~0o777:
         raise RequestError("spec mode must be permission bits (0..0o777), not %o" % spec.mode)
     return spec
@@ -451,6 +480,8 @@ def create_many(specs):
             for kind in KINDS:
                 restore_knob(kind, lock)
             raise
+        for kind, id in created:
+            lock.note(kind, id)
         for kind in {spec.kind for spec in specs}:
             restore_knob(kind, lock)  # a block of this thread may have armed it
     return [id for _, id in created]

@@ -52,8 +52,11 @@ class NamespaceLock:
     def __init__(self, path, label, on_acquire=None, keep_open=True):
         self.path = path
         self.label = label
-        self.alloc = threading.Lock()
+        # Reentrant: a signal handler may allocate while its thread holds it.
+        self.alloc = threading.RLock()
         self.armed = {}
+        self._watchers = {}
+        self._steering = threading.local()
         self._on_acquire = on_acquire
         self._keep_open = keep_open
         self._mutex = threading.RLock()
@@ -139,16 +142,38 @@ class NamespaceLock:
         child must not touch the knob).
         """
         value = self.armed.get(name)
-        if value is None:
-            yield
+        depth = getattr(self._steering, "depth", 0)
+        if value is None or depth:
+            yield  # nothing armed, or already steered by this thread
             return
         generation = _generation
         write_knob(self.knob(name), name, value + 1)
+        self._steering.depth = 1
         try:
             yield
         finally:
+            self._steering.depth = 0
             if generation == _generation:
                 write_knob(self.knob(name), name, value)
+
+    def watch(self, kind):
+        """A set that collects the ids routed allocations of ``kind`` make from now on.
+
+        A block checking creations it did not route leaves these out.
+        """
+        ids = set()
+        self._watchers.setdefault(kind, []).append(ids)
+        return ids
+
+    def unwatch(self, kind, ids):
+        watchers = self._watchers.get(kind, [])
+        if any(w is ids for w in watchers):
+            watchers[:] = [w for w in watchers if w is not ids]
+
+    def note(self, kind, id):
+        """A routed allocation of ``kind`` got ``id``."""
+        for ids in self._watchers.get(kind, ()):
+            ids.add(id)
 
     def forget_in_child(self):
         # The child holds copies of the parent's descriptions: closing them
@@ -238,7 +263,9 @@ def _lock_for(path, label, on_acquire, keep_open=True):
             "%s does not exist: mount /proc (or run with a private /proc, e.g. "
             "'unshare --mount-proc')" % path
         ) from None
-    key = (label, st.st_dev, st.st_ino)
+    # A devpts instance can reuse an unmounted one's device number and root
+    # inode, so directory locks are also told apart by path.
+    key = (label, st.st_dev, st.st_ino) if keep_open else (label, st.st_dev, st.st_ino, path)
     lock = _locks.get(key)
     if lock is None:
         with _registry_lock:
@@ -259,11 +286,30 @@ def cached_fds():
     return fds
 
 
+# Knobs the parent had armed when this process was forked: (label, dev,
+# ino) -> {knob name: value}. The child must not consume them unnoticed.
+_inherited_armed = {}
+
+
+def inherited_armed(kind):
+    """{knob: value} armed in this namespace by the process this one forked from."""
+    if not _inherited_armed:
+        return {}
+    try:
+        st = os.stat("/proc/self/ns/" + kind)
+    except OSError:
+        return {}
+    return _inherited_armed.get((kind, st.st_dev, st.st_ino), {})
+
+
 def _forget_all_in_child():
     global _generation, _registry_lock
     _generation += 1
     _registry_lock = threading.Lock()
-    for lock in list(_locks.values()):
+    _inherited_armed.clear()
+    for key, lock in list(_locks.items()):
+        if lock.armed:
+            _inherited_armed[key[:3]] = dict(lock.armed)
         lock.forget_in_child()
     _locks.clear()
     _held.clear()

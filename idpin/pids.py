@@ -100,6 +100,12 @@ def plain_fork():
     """An unpinned fork that cannot consume a knob a block of this process armed."""
     lock = knobs.existing_namespace_lock("pid")
     if lock is None:
+        if "ns_last_pid" in knobs.inherited_armed("pid"):
+            # Forked inside a parent's tid block: wait for it like any process.
+            with knobs.namespace_lock("pid").held():
+                return ORIGINALS["os.fork"]()
+        return ORIGINALS["os.fork"]()
+    if "ns_last_pid" not in lock.armed:
         return ORIGINALS["os.fork"]()
     with lock.alloc, lock.steered_clear_of("ns_last_pid"):
         return ORIGINALS["os.fork"]()

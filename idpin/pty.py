@@ -125,7 +125,7 @@ def open_many(indices, ptmx=PTMX):
     _check_fd_budget(wanted[-1])
     lock = knobs.directory_lock(instance.root, "pts")
     # A signal (Ctrl-C) between the walk and the slaves would leak ptys.
-    with _sys.signals_blocked(), lock.held():
+    with lock.held(), _sys.signals_blocked():
         masters, busy = _walk(instance, wanted)
         if busy >= 0:
             raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)

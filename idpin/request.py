@@ -158,12 +158,18 @@ def enclosing_pending(req, kind):
     Used when an inner block that overrode ``kind`` ends: the knob must hold
     the outer request's id again.
     """
+    outer = enclosing_pending_request(req, kind)
+    return None if outer is None else outer.ids[kind]
+
+
+def enclosing_pending_request(req, kind):
+    """The outer request of this thread that still wants ``kind``, or None."""
     stack = getattr(_local, "stack", None) or []
     if req not in stack:
         return None
     for outer in reversed(stack[: stack.index(req)]):
         if kind in outer.ids:
-            return None if kind in outer.consumed else outer.ids[kind]
+            return None if kind in outer.consumed else outer
     return None
 
 

@@ -43,30 +43,37 @@ def arm(req, kind):
     lock = knobs.namespace_lock("pid")
     lock.acquire()
     try:
+        req.armed["tid"] = (lock, _tasks(), lock.watch("tid"))
         _arm_knob(lock, req.ids["tid"])
-        req.armed["tid"] = (lock, _tasks())
     except BaseException:
-        lock.armed.pop("ns_last_pid", None)
+        entry = req.armed.pop("tid", None)
+        if entry is not None:
+            lock.unwatch("tid", entry[2])
         lock.release()
         raise
 
 
 def disarm(req, kind):
-    lock, before = req.armed.pop("tid")
+    lock, before, routed = req.armed.pop("tid")
     try:
-        lock.armed.pop("ns_last_pid", None)
         if "tid" not in req.consumed:
-            _settle_unrouted(req, before)
-        outer = enclosing_pending(req, "tid")
-        if outer is not None:
-            _arm_knob(lock, outer)
+            _settle_unrouted(req, before, routed)
     finally:
-        lock.release()
+        try:
+            with lock.alloc:
+                lock.armed.pop("ns_last_pid", None)
+            lock.unwatch("tid", routed)
+            outer = enclosing_pending(req, "tid")
+            if outer is not None:
+                _arm_knob(lock, outer)
+        finally:
+            lock.release()
 
 
-def _settle_unrouted(req, before):
+def _settle_unrouted(req, before, routed):
     tid = req.ids["tid"]
-    created = _tasks() - before
+    # Threads started through threading (steered or pinned) are accounted for.
+    created = _tasks() - before - routed
     if tid in created:
         consume(req, "tid", tid)
     elif created:
@@ -93,6 +100,7 @@ def start_thread(thread):
         ORIGINALS["threading.Thread.start"](thread)
         # Consumed (or lost): nothing of this block stays armed.
         lock.armed.pop("ns_last_pid", None)
+        lock.note("tid", thread.native_id)
     if thread.native_id != tid:
         thread.join()
         raise IdBusyError(
@@ -107,9 +115,16 @@ def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
     lock = knobs.existing_namespace_lock("pid")
     if lock is None:
+        if "ns_last_pid" in knobs.inherited_armed("pid"):
+            # Forked inside a parent's tid block: wait for it like any process.
+            with knobs.namespace_lock("pid").held():
+                return ORIGINALS["threading.Thread.start"](thread)
+        return ORIGINALS["threading.Thread.start"](thread)
+    if "ns_last_pid" not in lock.armed:
         return ORIGINALS["threading.Thread.start"](thread)
     with lock.alloc, lock.steered_clear_of("ns_last_pid"):
-        return ORIGINALS["threading.Thread.start"](thread)
+        ORIGINALS["threading.Thread.start"](thread)
+        lock.note("tid", thread.native_id)
 
 
 def _run_only_with_tid(thread, tid):
