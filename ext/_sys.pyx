@@ -366,6 +366,25 @@ def ipc_stat_index(kind, index):
     raise _oserror("*_STAT_ANY", code, "index %d" % index)
 
 
+_INFO_CMDS = (_abi.SEM_INFO, _abi.SHM_INFO, _abi.MSG_INFO)
+
+
+def ipc_count(kind):
+    """How many objects of this kind exist in the IPC namespace (*_INFO)."""
+    cdef int cmd = _INFO_CMDS[kind]
+    cdef int ckind = kind
+    cdef int field = _abi.INFO_IN_USE_FIELD[kind]
+    cdef ipc_stat_buf buf
+    cdef int got, code
+    memset(&buf, 0, sizeof(buf))
+    with nogil:
+        got = _ipc_ctl(ckind, 0, cmd, &buf)
+        code = errno
+    if got < 0:
+        raise _oserror("*_INFO", code)
+    return (<int *>&buf)[field]
+
+
 cdef enum PinStep:
     PIN_DONE
     PIN_KNOB

@@ -167,7 +167,7 @@ def arm(req, kind):
         holder = _holder(kind, value)
         if holder != -1:
             raise _busy_error(kind, value, holder)
-        req.armed[kind] = (lock, existing_ids(kind), lock.watch(kind))
+        req.armed[kind] = (lock, _sys.ipc_count(CODE[kind]), lock.watch(kind))
         _arm(lock, kind, value)
     except BaseException:
         entry = req.armed.pop(kind, None)
@@ -183,16 +183,14 @@ def _arm(lock, kind, value):
         lock.armed[KNOB[kind]] = value
 
 
-def existing_ids(kind):
-    """{id: creator pid or None} of every object of ``kind`` in this IPC namespace.
-
-    Only shm records its creator; /proc shows it in /proc's own pid namespace.
-    """
-    with open("/proc/sysvipc/" + kind) as f:
-        rows = [line.split() for line in f.readlines()[1:]]
-    if kind == "shm":
-        return {int(row[1]): int(row[4]) for row in rows}
-    return {int(row[1]): None for row in rows}
+def shm_creator(id):
+    """The pid (as /proc shows it) that created shm segment ``id``, or None."""
+    with open("/proc/sysvipc/shm") as f:
+        for line in f.readlines()[1:]:
+            row = line.split()
+            if int(row[1]) == id:
+                return int(row[4])
+    return None
 
 
 def _proc_pid():
@@ -222,16 +220,20 @@ def disarm(req, kind):
 def _rearm_outer(lock, outer, kind):
     # What the inner block's creators made is not the outer block's to judge.
     _, _, routed = outer.armed[kind]
-    outer.armed[kind] = (lock, existing_ids(kind), routed)
+    outer.armed[kind] = (lock, _sys.ipc_count(CODE[kind]) - len(routed.made) + routed.removed, routed)
     _arm(lock, kind, outer.ids[kind])
 
 
-def _settle_unrouted(req, kind, lock, before, routed):
+def _settle_unrouted(req, kind, lock, count_before, routed):
     """Check a creation idpin did not route, from what changed during the block.
 
-    Any creation of this kind in the namespace consumes the knob, so if more
-    than one object appeared, idpin cannot tell which creation got the id,
-    and says so rather than guess.
+    Any creation of this kind in the namespace consumes the knob. The block
+    knows how many objects of the kind existed when it was entered and which
+    ones routed calls (of any thread here) made or removed since, so it
+    credits the id only if exactly one other object appeared and it has the
+    id (shm: created by this process). Otherwise it cannot tell whose
+    creation got the id, and says so rather than guess. (A removal outside
+    idpin during the block can hide a creation from this count.)
     """
     value = req.ids[kind]
     now = _sys.knob_read(lock.knob(KNOB[kind]))
@@ -242,27 +244,26 @@ def _settle_unrouted(req, kind, lock, before, routed):
         consume_knob(kind, lock)
         raise IdBusyError(kind, value, "%s was overwritten with %d by a process outside idpin's "
                           "lock" % (KNOB[kind], now))
-    after = existing_ids(kind)
-    new = sorted(set(after) - set(before) - routed)
-    if new == [value] and after[value] in (None, _proc_pid()):
+    appeared = _sys.ipc_count(CODE[kind]) - count_before - len(routed.made) + routed.removed
+    exists = _holder(kind, value) == value
+    creator = shm_creator(value) if exists and kind == "shm" else None
+    if exists and creator is not None:
+        if creator == _proc_pid():
+            consume(req, kind, value)
+            return
+        raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
+                          % (value, creator))
+    if exists and appeared == 1:
         consume(req, kind, value)
         return
-    if value in new and kind == "shm" and after[value] == _proc_pid():
-        consume(req, kind, value)
-        return
-    raise IdBusyError(kind, value, _unrouted_failure(kind, value, new, after))
-
-
-def _unrouted_failure(kind, value, new, after):
-    if value not in new:
-        return ("a creation consumed %s, but no new object has the id (new: %s); a process "
-                "outside idpin's lock took the knob, or the index was taken meanwhile"
-                % (KNOB[kind], new or "none"))
-    if kind == "shm" and after[value] not in (None, _proc_pid()):
-        return "shm %d was created by pid %d, not by this process" % (value, after[value])
-    return ("%d %s objects were created during the block (%s) and any creation consumes the "
-            "knob: idpin cannot tell which one got the id; create with idpin.ipc.%sget for an "
-            "exact answer" % (len(new), kind, ", ".join(map(str, new)), kind))
+    if not exists:
+        detail = ("a creation consumed %s, but no object has the id: a process outside "
+                  "idpin's lock took the knob, or the index was taken meanwhile" % KNOB[kind])
+    else:
+        detail = ("%d %s objects appeared during the block besides idpin's routed ones, and "
+                  "any creation consumes the knob: idpin cannot tell which one got the id; "
+                  "create with idpin.ipc.%sget for an exact answer" % (appeared, kind, kind))
+    raise IdBusyError(kind, value, detail)
 
 
 # -- routed creations -------------------------------------------------------
@@ -286,6 +287,9 @@ def msgget(key, flags):
 def remove(kind, id):
     """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
     _sys.ipc_remove(_code(kind), id)
+    lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
+    if lock is not None:
+        lock.note_removed(kind)
 
 
 def _code(kind):
@@ -340,9 +344,9 @@ def _plain_get(kind, key, arg, flags):
     process forked inside a block of its parent: take the namespace lock like
     any other process (so it waits for that block to end).
     """
-    lock = knobs.existing_namespace_lock("ipc")
-    if not _may_allocate(key, flags):
+    if not _may_allocate(key, flags) or not knobs.any_armed():
         return _sys.ipc_get(CODE[kind], key, arg, flags)
+    lock = knobs.existing_namespace_lock("ipc")
     if lock is None:
         if KNOB[kind] not in knobs.inherited_armed("ipc"):
             return _sys.ipc_get(CODE[kind], key, arg, flags)

@@ -33,6 +33,12 @@ def any_held():
     return bool(_held)
 
 
+def any_armed():
+    """Whether a block of this process has a knob armed, or the parent had when
+    this process was forked: the only times an unpinned allocation must look."""
+    return bool(_inherited_armed) or any(lock.armed for lock in list(_locks.values()))
+
+
 class NamespaceLock:
     """The idpin lock of one namespace; reentrant per thread.
 
@@ -157,23 +163,27 @@ class NamespaceLock:
                 write_knob(self.knob(name), name, value)
 
     def watch(self, kind):
-        """A set that collects the ids routed allocations of ``kind`` make from now on.
+        """What routed calls of ``kind`` make (ids) and remove (a count) from now on.
 
         A block checking creations it did not route leaves these out.
         """
-        ids = set()
-        self._watchers.setdefault(kind, []).append(ids)
-        return ids
+        watcher = Watcher()
+        self._watchers.setdefault(kind, []).append(watcher)
+        return watcher
 
-    def unwatch(self, kind, ids):
+    def unwatch(self, kind, watcher):
         watchers = self._watchers.get(kind, [])
-        if any(w is ids for w in watchers):
-            watchers[:] = [w for w in watchers if w is not ids]
+        if any(w is watcher for w in watchers):
+            watchers[:] = [w for w in watchers if w is not watcher]
 
     def note(self, kind, id):
         """A routed allocation of ``kind`` got ``id``."""
-        for ids in self._watchers.get(kind, ()):
-            ids.add(id)
+        for watcher in self._watchers.get(kind, ()):
+            watcher.made.add(id)
+
+    def note_removed(self, kind):
+        for watcher in self._watchers.get(kind, ()):
+            watcher.removed += 1
 
     def forget_in_child(self):
         # The child holds copies of the parent's descriptions: closing them
@@ -185,6 +195,14 @@ class NamespaceLock:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class Watcher:
+    __slots__ = ("made", "removed")
+
+    def __init__(self):
+        self.made = set()
+        self.removed = 0
 
 
 class _Held:

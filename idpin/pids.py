@@ -32,13 +32,27 @@ KNOB_ATTEMPTS = 3
 _clone3_missing = False
 
 
+_pid_max_by_namespace = {}
+
+
 def namespace_pid_max():
-    """pid_max of this process's pid namespace (per namespace since 6.14)."""
+    """pid_max of this process's pid namespace (per namespace since 6.14).
+
+    Read once per namespace: it is checked on every pinned fork.
+    """
     try:
-        with open("/proc/sys/kernel/pid_max") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return PID_MAX_LIMIT
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = None
+    cached = _pid_max_by_namespace.get(namespace)
+    if cached is None:
+        try:
+            with open("/proc/sys/kernel/pid_max") as f:
+                cached = int(f.read())
+        except (OSError, ValueError):
+            return PID_MAX_LIMIT
+        _pid_max_by_namespace[namespace] = cached
+    return cached
 
 
 def validate_pid(value):
@@ -67,7 +81,8 @@ def set_tid_of(value):
 def thread_count():
     """Threads of this process, as the kernel sees them (C threads included)."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        # procfs counts a task directory's links as 2 + its threads.
+        return os.stat("/proc/self/task").st_nlink - 2
     except OSError:
         import threading
 
@@ -98,6 +113,8 @@ def fork(pid=None, mechanism=None):
 
 def plain_fork():
     """An unpinned fork that cannot consume a knob a block of this process armed."""
+    if not knobs.any_armed():
+        return ORIGINALS["os.fork"]()
     lock = knobs.existing_namespace_lock("pid")
     if lock is None:
         if "ns_last_pid" in knobs.inherited_armed("pid"):

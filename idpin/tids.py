@@ -73,7 +73,7 @@ def disarm(req, kind):
 def _settle_unrouted(req, before, routed):
     tid = req.ids["tid"]
     # Threads started through threading (steered or pinned) are accounted for.
-    created = _tasks() - before - routed
+    created = _tasks() - before - routed.made
     if tid in created:
         consume(req, "tid", tid)
     elif created:
@@ -113,6 +113,8 @@ def start_thread(thread):
 
 def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
+    if not knobs.any_armed():
+        return ORIGINALS["threading.Thread.start"](thread)
     lock = knobs.existing_namespace_lock("pid")
     if lock is None:
         if "ns_last_pid" in knobs.inherited_armed("pid"):

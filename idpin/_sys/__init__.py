@@ -32,6 +32,7 @@ INTERFACE = (
     "ipc_get",
     "ipc_remove",
     "ipc_stat_index",
+    "ipc_count",
     "ipc_create_pinned",
     "pty_index",
     "pty_peer",

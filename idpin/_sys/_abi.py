@@ -35,6 +35,12 @@ IPC_PRIVATE = 0
 IPC_CREAT = 0o1000
 IPC_EXCL = 0o2000
 IPC_RMID = 0
+SEM_INFO = 19
+SHM_INFO = 14
+MSG_INFO = 12
+# Where *_INFO puts the number of objects in use: seminfo.semusz,
+# shm_info.used_ids, msginfo.msgpool (as the int at this index).
+INFO_IN_USE_FIELD = (7, 0, 0)
 SEM_STAT_ANY = 20
 SHM_STAT_ANY = 15
 MSG_STAT_ANY = 13

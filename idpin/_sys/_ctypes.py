@@ -215,6 +215,16 @@ def ipc_stat_index(kind, index):
     raise _oserror("*_STAT_ANY", "index %d" % index)
 
 
+def ipc_count(kind):
+    """How many objects of this kind exist in the IPC namespace (*_INFO)."""
+    cmd = (_abi.SEM_INFO, _abi.SHM_INFO, _abi.MSG_INFO)[kind]
+    ctypes.memset(_STAT_BUF, 0, ctypes.sizeof(_STAT_BUF))
+    if _ipc_ctl(kind, 0, cmd, _STAT_BUF) < 0:
+        raise _oserror("*_INFO")
+    field = _abi.INFO_IN_USE_FIELD[kind]
+    return ctypes.cast(_STAT_BUF, ctypes.POINTER(ctypes.c_int))[field]
+
+
 def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     """Arm the knob, create, and remove the object again if its id is wrong.
 
