@@ -167,8 +167,9 @@ def arm(req, kind):
         holder = _holder(kind, value)
         if holder != -1:
             raise _busy_error(kind, value, holder)
-        req.armed[kind] = (lock, _sys.ipc_count(CODE[kind]), lock.watch(kind))
-        _arm(lock, kind, value)
+        with lock.alloc:  # no routed creation between the count and the arming
+            req.armed[kind] = (lock, _sys.ipc_count(CODE[kind]), lock.watch(kind))
+            _arm(lock, kind, value)
     except BaseException:
         entry = req.armed.pop(kind, None)
         if entry is not None:
@@ -344,23 +345,22 @@ def _plain_get(kind, key, arg, flags):
     process forked inside a block of its parent: take the namespace lock like
     any other process (so it waits for that block to end).
     """
-    if not _may_allocate(key, flags) or not knobs.any_armed():
+    if not _may_allocate(key, flags):
         return _sys.ipc_get(CODE[kind], key, arg, flags)
-    lock = knobs.existing_namespace_lock("ipc")
-    if lock is None:
-        if KNOB[kind] not in knobs.inherited_armed("ipc"):
-            return _sys.ipc_get(CODE[kind], key, arg, flags)
-        lock = ipc_lock()
-        with lock.held():
-            return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
-    if lock.held_by_this_thread():
-        return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
     while True:
-        with lock.alloc:
-            if KNOB[kind] not in lock.armed:
+        with knobs.allocating("ipc"):
+            lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
+            if lock is None:
+                if KNOB[kind] in knobs.inherited_armed("ipc"):
+                    break
+                return _sys.ipc_get(CODE[kind], key, arg, flags)
+            if lock.held_by_this_thread() or KNOB[kind] not in lock.armed:
                 return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
         with lock.excluding_other_threads():
             pass
+    lock = ipc_lock()
+    with lock.held():
+        return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
 
 
 def _noted(lock, kind, id):

@@ -33,6 +33,23 @@ def any_held():
     return bool(_held)
 
 
+# One short mutex per kind of namespace for the whole process, around every
+# knob write and the allocation that consumes it, and around every routed
+# allocation that asked for nothing (which must see the knob as armed or not,
+# with no window between looking and allocating). Reentrant: a signal handler
+# may allocate while its thread holds it.
+_alloc_mutexes = {}
+
+
+def allocating(label):
+    mutex = _alloc_mutexes.get(label)
+    if mutex is None:
+        # setdefault is atomic: two threads get the same mutex. (Not under
+        # _registry_lock: NamespaceLock() is built while holding it.)
+        mutex = _alloc_mutexes.setdefault(label, threading.RLock())
+    return mutex
+
+
 def any_armed():
     """Whether a block of this process has a knob armed, or the parent had when
     this process was forked: the only times an unpinned allocation must look."""
@@ -58,8 +75,7 @@ class NamespaceLock:
     def __init__(self, path, label, on_acquire=None, keep_open=True):
         self.path = path
         self.label = label
-        # Reentrant: a signal handler may allocate while its thread holds it.
-        self.alloc = threading.RLock()
+        self.alloc = allocating(label)
         self.armed = {}
         self._watchers = {}
         self._steering = threading.local()
@@ -324,6 +340,8 @@ def _forget_all_in_child():
     global _generation, _registry_lock
     _generation += 1
     _registry_lock = threading.Lock()
+    # Another thread of the parent may have held one at the fork.
+    _alloc_mutexes.clear()
     _inherited_armed.clear()
     for key, lock in list(_locks.items()):
         if lock.armed:

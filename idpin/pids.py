@@ -113,18 +113,17 @@ def fork(pid=None, mechanism=None):
 
 def plain_fork():
     """An unpinned fork that cannot consume a knob a block of this process armed."""
-    if not knobs.any_armed():
-        return ORIGINALS["os.fork"]()
-    lock = knobs.existing_namespace_lock("pid")
-    if lock is None:
-        if "ns_last_pid" in knobs.inherited_armed("pid"):
-            # Forked inside a parent's tid block: wait for it like any process.
-            with knobs.namespace_lock("pid").held():
+    with knobs.allocating("pid"):
+        if not knobs.any_armed():
+            return ORIGINALS["os.fork"]()
+        lock = knobs.existing_namespace_lock("pid")
+        if lock is not None:
+            with lock.steered_clear_of("ns_last_pid"):
                 return ORIGINALS["os.fork"]()
-        return ORIGINALS["os.fork"]()
-    if "ns_last_pid" not in lock.armed:
-        return ORIGINALS["os.fork"]()
-    with lock.alloc, lock.steered_clear_of("ns_last_pid"):
+        if "ns_last_pid" not in knobs.inherited_armed("pid"):
+            return ORIGINALS["os.fork"]()
+    # Forked inside a parent's tid block: wait for it like any other process.
+    with knobs.namespace_lock("pid").held():
         return ORIGINALS["os.fork"]()
 
 

@@ -43,8 +43,9 @@ def arm(req, kind):
     lock = knobs.namespace_lock("pid")
     lock.acquire()
     try:
-        req.armed["tid"] = (lock, _tasks(), lock.watch("tid"))
-        _arm_knob(lock, req.ids["tid"])
+        with lock.alloc:  # no thread start between the census and the arming
+            req.armed["tid"] = (lock, _tasks(), lock.watch("tid"))
+            _arm_knob(lock, req.ids["tid"])
     except BaseException:
         entry = req.armed.pop("tid", None)
         if entry is not None:
@@ -113,20 +114,20 @@ def start_thread(thread):
 
 def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
-    if not knobs.any_armed():
+    with knobs.allocating("pid"):
+        if not knobs.any_armed():
+            return ORIGINALS["threading.Thread.start"](thread)
+        lock = knobs.existing_namespace_lock("pid")
+        if lock is not None:
+            with lock.steered_clear_of("ns_last_pid"):
+                ORIGINALS["threading.Thread.start"](thread)
+            lock.note("tid", thread.native_id)
+            return None
+        if "ns_last_pid" not in knobs.inherited_armed("pid"):
+            return ORIGINALS["threading.Thread.start"](thread)
+    # Forked inside a parent's tid block: wait for it like any other process.
+    with knobs.namespace_lock("pid").held():
         return ORIGINALS["threading.Thread.start"](thread)
-    lock = knobs.existing_namespace_lock("pid")
-    if lock is None:
-        if "ns_last_pid" in knobs.inherited_armed("pid"):
-            # Forked inside a parent's tid block: wait for it like any process.
-            with knobs.namespace_lock("pid").held():
-                return ORIGINALS["threading.Thread.start"](thread)
-        return ORIGINALS["threading.Thread.start"](thread)
-    if "ns_last_pid" not in lock.armed:
-        return ORIGINALS["threading.Thread.start"](thread)
-    with lock.alloc, lock.steered_clear_of("ns_last_pid"):
-        ORIGINALS["threading.Thread.start"](thread)
-        lock.note("tid", thread.native_id)
 
 
 def _run_only_with_tid(thread, tid):
