@@ -205,7 +205,8 @@ def disarm(req, kind):
     lock, before, routed = req.armed.pop(kind)
     try:
         if kind not in req.consumed:
-            _settle_unrouted(req, kind, lock, before, routed)
+            with lock.alloc:  # the count must match the routed creations noted
+                _settle_unrouted(req, kind, lock, before, routed)
     finally:
         try:
             with lock.alloc:

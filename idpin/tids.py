@@ -58,7 +58,8 @@ def disarm(req, kind):
     lock, before, routed = req.armed.pop("tid")
     try:
         if "tid" not in req.consumed:
-            _settle_unrouted(req, before, routed)
+            with lock.alloc:  # the census must match the routed starts noted
+                _settle_unrouted(req, before, routed)
     finally:
         try:
             with lock.alloc:
