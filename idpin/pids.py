@@ -113,18 +113,30 @@ def fork(pid=None, mechanism=None):
 
 def plain_fork():
     """An unpinned fork that cannot consume a knob a block of this process armed."""
+    return without_armed_tid(ORIGINALS["os.fork"])
+
+
+def without_armed_tid(allocate, on_steered=None):
+    """Run ``allocate`` (an unpinned fork or thread start) past any armed tid.
+
+    A tid block of this process: move the cursor past the armed tid for this
+    allocation (then ``on_steered(lock)``). A block of the parent this
+    process was forked from: wait for it, like any other process.
+    """
     with knobs.allocating("pid"):
         if not knobs.any_armed():
-            return ORIGINALS["os.fork"]()
+            return allocate()
         lock = knobs.existing_namespace_lock("pid")
         if lock is not None:
             with lock.steered_clear_of("ns_last_pid"):
-                return ORIGINALS["os.fork"]()
+                result = allocate()
+            if on_steered is not None:
+                on_steered(lock)
+            return result
         if "ns_last_pid" not in knobs.inherited_armed("pid"):
-            return ORIGINALS["os.fork"]()
-    # Forked inside a parent's tid block: wait for it like any other process.
+            return allocate()
     with knobs.namespace_lock("pid").held():
-        return ORIGINALS["os.fork"]()
+        return allocate()
 
 
 def children_in_new_pid_namespace():

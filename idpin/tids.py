@@ -115,20 +115,10 @@ def start_thread(thread):
 
 def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
-    with knobs.allocating("pid"):
-        if not knobs.any_armed():
-            return ORIGINALS["threading.Thread.start"](thread)
-        lock = knobs.existing_namespace_lock("pid")
-        if lock is not None:
-            with lock.steered_clear_of("ns_last_pid"):
-                ORIGINALS["threading.Thread.start"](thread)
-            lock.note("tid", thread.native_id)
-            return None
-        if "ns_last_pid" not in knobs.inherited_armed("pid"):
-            return ORIGINALS["threading.Thread.start"](thread)
-    # Forked inside a parent's tid block: wait for it like any other process.
-    with knobs.namespace_lock("pid").held():
-        return ORIGINALS["threading.Thread.start"](thread)
+    pids.without_armed_tid(
+        lambda: ORIGINALS["threading.Thread.start"](thread),
+        on_steered=lambda lock: lock.note("tid", thread.native_id),
+    )
 
 
 def _run_only_with_tid(thread, tid):
