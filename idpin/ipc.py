@@ -288,10 +288,12 @@ def msgget(key, flags):
 
 def remove(kind, id):
     """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
-    _sys.ipc_remove(_code(kind), id)
-    lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
-    if lock is not None:
-        lock.note_removed(kind)
+    code = _code(kind)
+    with knobs.allocating("ipc"):  # a block's object count must see both or neither
+        _sys.ipc_remove(code, id)
+        lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
+        if lock is not None:
+            lock.note_removed(kind)
 
 
 def _code(kind):

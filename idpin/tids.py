@@ -20,7 +20,7 @@ import threading
 from . import knobs, pids
 from .errors import IdBusyError
 from .interpose import ORIGINALS
-from .request import Kind, consume, enclosing_pending, pending, register_kind, validate_int
+from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
 
 def validate_tid(value):
@@ -65,9 +65,13 @@ def disarm(req, kind):
             with lock.alloc:
                 lock.armed.pop("ns_last_pid", None)
             lock.unwatch("tid", routed)
-            outer = enclosing_pending(req, "tid")
+            outer = enclosing_pending_request(req, "tid")
             if outer is not None:
-                _arm_knob(lock, outer)
+                with lock.alloc:
+                    # What the inner block made is not the outer block's to judge.
+                    _, _, outer_routed = outer.armed["tid"]
+                    outer.armed["tid"] = (lock, _tasks(), outer_routed)
+                    _arm_knob(lock, outer.ids["tid"])
         finally:
             lock.release()
 

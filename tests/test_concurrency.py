@@ -124,3 +124,46 @@ def test_create_many_refuses_out_of_range_c_arguments():
         ipc.create_many([ipc.Spec("sem", SEM, key=2**32 + 5)])
     with pytest.raises(idpin.RequestError, match="size"):
         ipc.create_many([ipc.Spec("shm", SEM, size=2**64 + 4096)])
+
+
+@pytest.mark.parametrize("fork", [os.fork, os.forkpty, __import__("pty").fork],
+                         ids=["os.fork", "os.forkpty", "pty.fork"])
+def test_unpinned_forks_of_every_kind_are_steered_past_another_threads_tid(fork):
+    armed, forked = threading.Event(), threading.Event()
+    got = {}
+
+    def block_owner():
+        with idpin.request(tid=500):
+            armed.set()
+            forked.wait(10)
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            thread.join()
+            got["tid"] = thread.native_id
+
+    owner = threading.Thread(target=block_owner)
+    owner.start()
+    assert armed.wait(10)
+    result = fork()
+    child = result if isinstance(result, int) else result[0]
+    if child == 0:
+        os._exit(0)
+    forked.set()
+    owner.join(10)
+    reap(child)
+    if not isinstance(result, int):
+        os.close(result[1])
+    assert child != 500 and got == {"tid": 500}
+
+
+def test_nested_tid_blocks_do_not_blame_the_outer_for_the_inner_thread():
+    import _thread
+
+    done = threading.Event()
+    with idpin.request(tid=600) as outer:
+        with idpin.request(tid=700) as inner:
+            _thread.start_new_thread(lambda: done.wait(10), ())
+            assert wait_until(lambda: os.path.exists("/proc/self/task/700"))
+    done.set()
+    assert inner.consumed == {"tid": 700} and outer.consumed == {}
+    assert wait_until(lambda: len(os.listdir("/proc/self/task")) == 1)

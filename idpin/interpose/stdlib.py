@@ -1,9 +1,10 @@
 """Routing of stdlib calls that allocate ids through idpin.
 
-While this thread has a request pending, os.fork, os.forkpty, os.openpty,
-pty.fork, pty.openpty and threading.Thread.start go through idpin; otherwise
-they cost one thread-local check (and wait only if another thread of this
-process holds a knob armed, which they would otherwise consume). The pty
+os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty and
+threading.Thread.start go through idpin. With no request pending in this
+thread and no knob armed in this process they cost a thread-local check and
+a flag test; forks and thread starts that asked for nothing are steered past
+a tid another thread's block armed, and IPC creations wait for it. The pty
 module's functions are routed themselves: they catch OSError from the os
 functions and fall back to another pty, which would swallow IdBusyError.
 """
@@ -22,8 +23,8 @@ def fork():
 
 
 def forkpty():
-    if pending("pid") is None and pending("pty") is None:
-        return ORIGINALS["os.forkpty"]()
+    # Always idpin's: even when this thread asked for nothing, its fork must
+    # be steered past a tid another thread's block armed (see pids.plain_fork).
     return idpin_pty.fork()
 
 
@@ -32,8 +33,6 @@ def openpty():
 
 
 def pty_fork():
-    if pending("pid") is None and pending("pty") is None:
-        return ORIGINALS["pty.fork"]()
     return idpin_pty.fork()
 
 
