@@ -8,10 +8,13 @@ has returned. The lock is flock(LOCK_EX) on the namespace file
 root directory: the same nsfs inode through every proc mount, so it excludes
 across mounts, and the kernel drops it when its holder dies.
 
-Inside one process a mutex serialises the threads, and one open file
-description per namespace carries the flock. That description is never
-shared with a forked child: the child closes its copies (without unlocking,
-which would release the parent's lock) and starts afresh.
+Inside one process a reentrant mutex per namespace serialises the threads'
+blocks, and one open file description per namespace carries the flock. That
+description is never shared with a forked child: the child closes its copies
+(without unlocking, which would release the parent's lock) and starts
+afresh, remembering which knobs its parent had armed. A second, short mutex
+per kind of namespace (``allocating``) covers each knob write with the
+allocation that consumes it, and each allocation that asked for nothing.
 """
 import contextlib
 import fcntl
@@ -24,8 +27,8 @@ from .errors import NEEDS_NAMESPACE_HINT, UnsupportedError
 _registry_lock = threading.Lock()
 _locks = {}
 _generation = 0
-# Locks some thread of this process holds: lets unpinned routed calls skip
-# every lookup while nothing is held.
+# Locks some thread of this process holds (the namespace runner checks that
+# none is left held).
 _held = set()
 
 

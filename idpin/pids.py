@@ -10,7 +10,11 @@ Two mechanisms, decided per fork:
   namespace lock, for multi-threaded callers. The kernel silently gives the
   next free pid when the asked one is taken, so the child checks its own pid
   before running any caller code and exits if it is wrong; the parent kills
-  and reaps it and raises IdBusyError.
+  and reaps it and raises IdBusyError (or retries, if the pid is still free:
+  a fork outside the lock only moved the cursor).
+
+Forks that asked for nothing are steered past a tid a block of this process
+armed (``without_armed_tid``): pids and tids share the namespace's cursor.
 """
 import errno
 import os
@@ -30,8 +34,6 @@ WRONG_PID_EXIT = 125
 KNOB_ATTEMPTS = 3
 
 _clone3_missing = False
-
-
 _pid_max_by_namespace = {}
 
 
