@@ -311,6 +311,11 @@ _ARG_RANGES = {"sem": ("nsems", 0, INT_MAX), "shm": ("size", 0, 2**64 - 1), "msg
 
 def _check_c_args(kind, key, arg, flags):
     name, low, high = _ARG_RANGES[kind]
+    # The common case, plain ints in range, costs three comparisons each.
+    if (type(key) is int and type(arg) is int and type(flags) is int
+            and _KEY_RANGE[0] <= key <= _KEY_RANGE[1] and low <= arg <= high
+            and _KEY_RANGE[0] <= flags <= _KEY_RANGE[1]):
+        return
     for what, value, (lo, hi) in (("key", key, _KEY_RANGE), (name, arg, (low, high)),
                                   ("flags", flags, _KEY_RANGE)):
         try:
@@ -438,7 +443,8 @@ def _as_spec(item):
         raise RequestError(
             "spec kind must be one of %s, not %r" % (", ".join(KINDS), spec.kind), kind=spec.kind
         )
-    KIND_OBJECTS[spec.kind].validate(spec.id)
+    if not (type(spec.id) is int and 0 <= spec.id <= INT_MAX):
+        KIND_OBJECTS[spec.kind].validate(spec.id)  # raises, naming the range
     if isinstance(spec.mode, bool) or not isinstance(spec.mode, int):
         raise RequestError("spec mode must be an int, not %r" % (spec.mode,), kind=spec.kind)
     _check_c_args(spec.kind, spec.key, spec.size if spec.kind != "msg" else 0, spec.mode)
