@@ -334,3 +334,25 @@ def test_a_forked_child_does_not_inherit_the_parents_request():
             reap(grandchild)
             os._exit(0 if grandchild != 2700 else 1)
     assert child == 2700 and reap(child) == 0
+
+
+def test_an_ambiguous_tid_cache_scan_is_settled_by_a_raw_probe_thread():
+    # If another field of this thread's struct pthread held its tid too, a
+    # probe thread (raw _thread, never routed) picks the offset both share.
+    from idpin._sys import _glibc
+
+    real = _glibc._candidates
+    main = threading.get_ident()
+
+    def with_a_decoy():
+        found = real()
+        return found | {found and max(found) + 64} if threading.get_ident() == main else found
+
+    assert len(with_a_decoy()) == 2
+    _glibc._candidates = with_a_decoy
+    try:
+        assert _glibc._find_offset() == _sys.tid_cache_offset()
+    finally:
+        _glibc._candidates = real
+    # The probe thread is gone before it returns: the clone3 path counts threads.
+    assert pids.thread_count() == 1
