@@ -348,7 +348,7 @@ def test_an_ambiguous_tid_cache_scan_is_settled_by_a_raw_probe_thread():
         found = real()
         return found | {found and max(found) + 64} if threading.get_ident() == main else found
 
-    assert len(with_a_decoy()) == 2
+    assert len(with_a_decoy()) >= 2  # as pid 1, many fields hold "1" anyway
     _glibc._candidates = with_a_decoy
     try:
         assert _glibc._find_offset() == _sys.tid_cache_offset()
