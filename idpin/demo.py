@@ -11,7 +11,6 @@ import os
 import threading
 
 from . import ipc, pids, request
-from . import pty as idpin_pty
 from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .testing import Forker, run_in_namespaces

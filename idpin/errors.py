@@ -5,7 +5,6 @@ restore workers send them across process boundaries (a child reports an
 IdBusyError to its parent over a pipe).
 """
 import errno
-import os
 
 __all__ = ["IdpinError", "IdBusyError", "RequestError", "UnsupportedError"]
 
@@ -78,10 +77,6 @@ NEEDS_NAMESPACE_HINT = (
     "'unshare --user --map-root-user --pid --ipc --mount --fork --mount-proc <command>', "
     "or as root"
 )
-
-
-def strerror(code):
-    return os.strerror(code) if code else "no error"
 
 
 for _cls in (IdpinError, IdBusyError, RequestError, UnsupportedError):

@@ -156,6 +156,13 @@ def _busy_error(kind, id, holder):
     return IdBusyError(kind, id, "index %d is held by %s id %d" % (index_of(id), kind, holder))
 
 
+def _wrong_id_error(kind, id, got):
+    # ipc_create_pinned has already removed the wrongly numbered object.
+    return IdBusyError(
+        kind, id, "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got
+    )
+
+
 # -- request blocks -------------------------------------------------------
 
 
@@ -399,10 +406,7 @@ def create_pinned(kind, value, key, arg, flags):
             raise
         if got != value:
             restore_knob(kind, lock)
-            raise IdBusyError(
-                kind, value,
-                "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
-            )
+            raise _wrong_id_error(kind, value, got)
         lock.armed.pop(KNOB[kind], None)  # consumed
         lock.note(kind, got)
     return got
@@ -506,10 +510,7 @@ def _create_one(lock, spec):
         lock.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
     )
     if got != spec.id:
-        raise IdBusyError(
-            spec.kind, spec.id,
-            "the kernel gave %d (the index was taken outside idpin's lock); it was removed" % got,
-        )
+        raise _wrong_id_error(spec.kind, spec.id, got)
     return spec.kind, got
 
 

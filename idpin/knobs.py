@@ -135,10 +135,6 @@ class NamespaceLock:
     def held_by_this_thread(self):
         return self._owner == threading.get_ident()
 
-    def held_by_another_thread(self):
-        owner = self._owner
-        return owner is not None and owner != threading.get_ident()
-
     def excluding_other_threads(self):
         """Hold only the in-process mutex: no other thread of ours can arm a knob."""
         return self._mutex
@@ -192,8 +188,7 @@ class NamespaceLock:
 
     def unwatch(self, kind, watcher):
         watchers = self._watchers.get(kind, [])
-        if any(w is watcher for w in watchers):
-            watchers[:] = [w for w in watchers if w is not watcher]
+        watchers[:] = [w for w in watchers if w is not watcher]
 
     def note(self, kind, id):
         """A routed allocation of ``kind`` got ``id``."""

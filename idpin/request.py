@@ -100,12 +100,6 @@ class Request:
         self._state = "done"
         return first_error
 
-    def outer(self):
-        """The request this block is nested in, if any (same thread)."""
-        stack = _stack()
-        index = stack.index(self) if self in stack else len(stack)
-        return stack[index - 1] if index > 0 else None
-
 
 def _note(exc, text):
     add_note = getattr(exc, "add_note", None)
@@ -152,16 +146,6 @@ def pending(kind):
     return None
 
 
-def enclosing_pending(req, kind):
-    """The id an outer block of this thread still wants for ``kind``, or None.
-
-    Used when an inner block that overrode ``kind`` ends: the knob must hold
-    the outer request's id again.
-    """
-    outer = enclosing_pending_request(req, kind)
-    return None if outer is None else outer.ids[kind]
-
-
 def enclosing_pending_request(req, kind):
     """The outer request of this thread that still wants ``kind``, or None."""
     stack = getattr(_local, "stack", None) or []
@@ -175,11 +159,6 @@ def enclosing_pending_request(req, kind):
 
 def consume(req, kind, value):
     req.consumed[kind] = value
-
-
-def active_requests():
-    """This thread's active requests, outermost first (a copy)."""
-    return list(getattr(_local, "stack", ()))
 
 
 def _forget_in_child():

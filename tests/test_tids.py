@@ -49,7 +49,7 @@ def test_thread_created_outside_threading_honours_the_armed_knob():
         seen.append(threading.get_native_id())
         done.set()
 
-    with idpin.request(tid=5100) as req:
+    with idpin.request(tid=5100):
         assert knob("ns_last_pid") == 5099
         _thread.start_new_thread(body, ())
         assert done.wait(10)

@@ -3,8 +3,6 @@
 Shared by both backends' Python side; ext/_sys.pxd takes the same values
 from the system headers.
 """
-import errno
-
 SYS_clone3 = 435
 SYS_get_robust_list = 274
 SYS_set_robust_list = 273
@@ -52,5 +50,3 @@ IPC_KIND_CODES = {"sem": SEM, "shm": SHM, "msg": MSG}
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
-
-EBUSY = errno.EBUSY
