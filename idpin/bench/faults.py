@@ -811,7 +811,7 @@ def interrupt_trials(kind, trials, seed):
 # -- the bench ------------------------------------------------------------------------
 
 FULL = {"trials": 300, "timeout": 600.0}
-QUICK = {"trials": 8, "timeout": 120.0}
+QUICK = {"trials": 3, "timeout": 120.0}
 FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials}
 
 
