@@ -464,8 +464,12 @@ def _wait_for_threads_gone():
         time.sleep(0.0002)
 
 
-def leftovers(limits, fds_before, wanted_pids):
-    """What the trial left, as lines; cleans it by hand so the next trial starts clean."""
+def leftovers(limits, fds_before, wanted_pids, this_process=True):
+    """What the trial left, as lines; cleans it by hand so the next trial starts clean.
+
+    ``this_process``: the trial's faults hit this process (not a killed
+    worker), so its threads must also still be able to make requests.
+    """
     problems = []
     for kind, id, mode in ipc_objects():
         problems.append("%s object %d (mode %o) left" % (kind, id, mode))
@@ -497,7 +501,10 @@ def leftovers(limits, fds_before, wanted_pids):
             problems.append("a %s request left on this thread's stack" % kind)
     if problems:
         force_clean(limits)
-    for check in (lambda: plain_fork_is_ordinary(wanted_pids), another_thread_can_request):
+    checks = [lambda: plain_fork_is_ordinary(wanted_pids)]
+    if this_process:
+        checks.append(another_thread_can_request)
+    for check in checks:
         problem = check()
         if problem:
             problems.append(problem)
@@ -711,7 +718,7 @@ def kill_trials(kind, trials, seed, max_delay=0.02):
             if mode == CALLER_MODE:  # the worker's own, left when it was killed
                 _sys.ipc_remove(ipc.CODE[obj_kind], id)
         problems, wrong = request_again(kind)
-        problems += leftovers(limits, fds_before, wanted_pids)
+        problems += leftovers(limits, fds_before, wanted_pids, this_process=False)
         tally.add(problems, wrong)
     return tally.as_dict()
 
