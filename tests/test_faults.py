@@ -763,3 +763,12 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
     assert all(r["trials"] == faults.QUICK["trials"] for r in rows), rows
     assert "left something" in out.getvalue() and "WRONG ids" in out.getvalue()
     assert status == 0 and section["violations"] == [], out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["sem", "shm", "msg"])
+def test_item1_blocks_beside_rotating_foreign_creators_give_no_silent_wrong_credit(kind):
+    # A process and a thread create objects without idpin and remove older
+    # ones, so the object count stays put (the stress, shortened).
+    tally = faults.run_bounded(faults.foreign_trials, 60, kind, 60, SEED)
+    assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
+    assert tally["trials"] == 60

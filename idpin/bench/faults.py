@@ -32,6 +32,7 @@ import pickle
 import random
 import select
 import signal
+import sys
 import threading
 import time
 
@@ -177,16 +178,16 @@ def op_tid(got, rng):
         thread.start()
 
 
-def _sysv_lib_create(kind):
+def _sysv_lib_create(kind, mode=CALLER_MODE):
     import sysv_ipc
 
     if kind == "sem":
-        return sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX, mode=CALLER_MODE).id
+        return sysv_ipc.Semaphore(None, sysv_ipc.IPC_CREX, mode=mode).id
     if kind == "shm":
-        memory = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, mode=CALLER_MODE, size=4096)
+        memory = sysv_ipc.SharedMemory(None, sysv_ipc.IPC_CREX, mode=mode, size=4096)
         memory.detach()  # attached, a removed segment would linger until exit
         return memory.id
-    return sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=CALLER_MODE).id
+    return sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=mode).id
 
 
 def _routed_create(kind):
@@ -815,11 +816,122 @@ def interrupt_trials(kind, trials, seed):
     return tally.as_dict()
 
 
+# -- foreign creators ------------------------------------------------------------------
+
+# A rotating pool: create one object, remove the oldest. Each step leaves the
+# namespace's object count unchanged, so a block that judges unrouted
+# creations by the count alone cannot see this creator's.
+POOL = 64
+FOREIGN_BASE_INDEX = 2000
+
+
+def _rotate_forever(kind, create, stop):
+    code = ipc.CODE[kind]
+    pool = []
+    try:
+        while not stop():
+            try:
+                pool.append(create())
+            except Exception:  # noqa: BLE001 - a full table is noise too
+                pass
+            if len(pool) > POOL:
+                _sys.ipc_remove(code, pool.pop(0))
+    finally:
+        for id in pool:
+            try:
+                _sys.ipc_remove(code, id)
+            except OSError:
+                pass
+
+
+def _raw_creator(kind):
+    code = ipc.CODE[kind]
+    return lambda: _sys.ipc_get(code, ipc.IPC_PRIVATE, 4096 if kind == "shm" else 1,
+                                ipc.IPC_CREAT | 0o600)
+
+
+class ForeignCreators:
+    """A process and a thread of this process creating ``kind`` objects without idpin."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __enter__(self):
+        self._stop_read, self._stop_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        self.pid = ORIGINALS["os.fork"]()
+        if self.pid == 0:
+            try:
+                os.write(ready_write, b"r")
+                stop_read = self._stop_read
+                _rotate_forever(self.kind, _raw_creator(self.kind),
+                                lambda: select.select([stop_read], [], [], 0)[0])
+            finally:
+                os._exit(0)
+        os.read(ready_read, 1)
+        for fd in (ready_read, ready_write):
+            os.close(fd)
+        self._stopping = threading.Event()
+        # The thread is C code to idpin (sysv_ipc): its creations are not routed.
+        self.thread = threading.Thread(target=_rotate_forever, args=(
+            self.kind, lambda: _sysv_lib_create(self.kind, mode=0o600), self._stopping.is_set))
+        ORIGINALS["threading.Thread.start"](self.thread)
+        return self
+
+    def __exit__(self, *exc):
+        self._stopping.set()
+        self.thread.join()
+        os.write(self._stop_write, b"x")
+        os.waitpid(self.pid, 0)
+        for fd in (self._stop_read, self._stop_write):
+            os.close(fd)
+        return False
+
+
+def foreign_trials(kind, trials, seed):
+    """``trials`` blocks whose own creation is unrouted, beside foreign creators.
+
+    Every block that ends without an error must have given its object the id.
+    Each block works a little (up to 0.3 ms) before its creation, as a real
+    one does, which gives the foreign creators time to land inside it.
+    """
+    kind = kind.split("-")[0]
+    rng = random.Random(seed)
+    tally = Tally(kind + "-foreign", "foreign")
+    limits = read_limits()
+    fds_before = testing.open_fds()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the creator thread runs inside the blocks too
+    try:
+        with ForeignCreators(kind):
+            for trial in range(trials):
+                want = (3 << ipc.ipc_shift()) | (FOREIGN_BASE_INDEX + trial % 1000)
+                got = Got()
+                try:
+                    with idpin.request(**{kind: want}):
+                        time.sleep(rng.uniform(0, 0.0003))
+                        got.objects.append((kind, _sysv_lib_create(kind), want))
+                    got.completed = True
+                except idpin.IdBusyError:
+                    tally.faulted += 1  # refused: the foreign creator got in the way
+                tally.add([], got.undo())
+    finally:
+        sys.setswitchinterval(switch)
+    problems = leftovers(limits, fds_before, set(), this_process=True)
+    if problems:
+        tally.add(problems, [])
+        tally.trials -= 1
+    return tally.as_dict()
+
+
 # -- the bench ------------------------------------------------------------------------
 
 FULL = {"trials": 300, "timeout": 600.0}
+# Foreign creators hit a block's window rarely: many more blocks per series.
+FOREIGN_TRIALS_FACTOR = 10
 QUICK = {"trials": 3, "timeout": 120.0}
-FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials}
+FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials, "foreign": foreign_trials}
+FOREIGN_KINDS = ("sem", "shm", "msg")
 
 
 def run_series(fault, kind, trials, seed, timeout):
@@ -849,12 +961,14 @@ def run_suite(quick, backends, seed=1):
     from .measure import Progress
 
     shape = QUICK if quick else FULL
-    plan = [(fault, kind, backend) for backend in backends for fault in FAULTS for kind in KINDS]
+    plan = [(fault, kind, backend) for backend in backends for fault in FAULTS
+            for kind in (FOREIGN_KINDS if fault == "foreign" else KINDS)]
     progress = Progress("faults", len(plan))
     rows = []
     for fault, kind, backend in plan:
         progress.step("%s %s %s" % (fault, kind, backend))
-        row = run_kind_in_namespaces(fault, kind, shape["trials"], seed, backend, shape["timeout"])
+        trials = shape["trials"] * (FOREIGN_TRIALS_FACTOR if fault == "foreign" else 1)
+        row = run_kind_in_namespaces(fault, kind, trials, seed, backend, shape["timeout"])
         row["backend"] = backend
         rows.append(row)
     return rows, progress.finish()
@@ -875,7 +989,10 @@ LEGEND = """\
 kill: a worker running the kind's requests in a loop is SIGKILLed after a random
 delay; then this process makes the same requests and checks the namespace.
 interrupt: a timer handler raises KeyboardInterrupt at a random point inside idpin.
-fault landed = trials where the kill hit a running worker / the handler raised inside idpin.
+foreign: blocks whose own creation idpin does not see (sysv_ipc), beside a process and a
+thread creating and removing objects without idpin (a rotating pool: the count stays put).
+fault landed = trials where the kill hit a running worker / the handler raised inside idpin /
+the block was refused (IdBusyError) beside the foreign creators.
 left something = trials after which an object, knob, limit, lock, fd, pty, process or
 request was left (or the ids could not be requested again)."""
 
