@@ -189,7 +189,7 @@ def outcome_of(fn):
 @short_lock_timeout
 def threads_opposite_order(first, second):
     """Run first(sync) and second(sync) in two threads; their outcomes."""
-    barrier = threading.Barrier(2, timeout=2.0)
+    barrier = threading.Barrier(2, timeout=0.5)
 
     def sync():
         try:
@@ -268,7 +268,8 @@ def two_processes_opposite_order():
                 os.write(go_write, b"1")
                 p2 = int(os.read(pid_read, 16))
                 # Wait (bounded) until P2 holds the pid namespace's lock.
-                wait_until(lambda: flock_held_by(p2, "/proc/self/ns/pid"), timeout=3)
+                # (It never does if idpin makes P2 wait for P1 first: then no cycle.)
+                wait_until(lambda: flock_held_by(p2, "/proc/self/ns/pid"), timeout=0.5)
                 with idpin.request(tid=TID_A):
                     pass
         os.write(out1_write, outcome_of(first).encode())
@@ -770,16 +771,18 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
 
     from idpin import cli
 
-    monkeypatch.setattr(faults, "KINDS", ("sem", "pty"))  # the CI's share; the bench runs all
+    monkeypatch.setattr(faults, "KINDS", ("sem",))  # the CI's share; the bench runs all
+    monkeypatch.setattr(faults, "FOREIGN_KINDS", ("sem",))
     out = io.StringIO()
     status = cli.main(["bench", "faults", "--quick", "--out", str(tmp_path)], out=out)
     with open(tmp_path / "results.json") as f:
         section = json.load(f)["faults"]
     rows = section["rows"]
     assert {(r["fault"], r["kind"], r["backend"]) for r in rows} == {
-        (fault, kind, backend) for fault in ("kill", "interrupt") for kind in ("sem", "pty")
+        (fault, kind, backend) for fault, kind in (("kill", "sem"), ("interrupt", "sem"),
+                                                   ("foreign", "sem-foreign"))
         for backend in _sys.BACKENDS}
-    assert all(r["trials"] == faults.QUICK["trials"] for r in rows), rows
+    assert all(r["trials"] >= faults.QUICK["trials"] for r in rows), rows
     assert "left something" in out.getvalue() and "WRONG ids" in out.getvalue()
     assert status == 0 and section["violations"] == [], out.getvalue()
 
@@ -812,3 +815,89 @@ def test_item3_a_tid_block_left_unused_leaves_no_armed_cursor(ending):
         os._exit(0)
     reap(child)
     assert child != TID_A
+
+
+# -- found by this suite after the first fixes ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sem", "msg", "shm"])
+def test_item1_another_threads_creation_is_not_credited_to_a_block_that_made_none(kind):
+    # The block's thread creates nothing; another thread that asked for
+    # nothing creates an object (C code: not routed) and takes the knob. The
+    # one object that appeared has the id, but it is not the block's.
+    want = faults.IPC_IDS[kind]
+    theirs = []
+    try:
+        try:
+            with idpin.request(**{kind: want}) as req:
+                other = threading.Thread(target=lambda: theirs.append(sysv_create(kind)))
+                other.start()
+                other.join()
+        except idpin.IdBusyError:
+            pass  # refusing is right: idpin cannot prove whose creation it was
+        assert theirs == [want], theirs
+        assert kind not in req.consumed, "credited another thread's %s %d" % (kind, want)
+    finally:
+        remove_all_objects()
+
+
+@pytest.mark.parametrize("kind", ["sem", "msg", "shm"])
+def test_item4_an_object_of_someone_else_with_the_throwaway_key_is_not_removed(kind):
+    # idpin makes its throwaway objects recognisable by a reserved key; an
+    # object another program made with that key (a key is any int) is not
+    # idpin's to remove.
+    code = ipc.CODE[kind]
+    theirs = _sys.ipc_get(code, ipc.THROWAWAY_KEY, 4096 if kind == "shm" else 1,
+                          ipc.IPC_CREAT | ipc.IPC_EXCL | 0o644)
+    try:
+        outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                          .__exit__(None, None, None))
+        assert outcome is None or isinstance(outcome, idpin.IdpinError), repr(outcome)
+        assert (kind, theirs) in [(k, i) for k, i, _ in faults.ipc_objects()], (
+            "idpin removed %s %d, which another program created with key %#x" % (
+                kind, theirs, ipc.THROWAWAY_KEY))
+        assert knob(kind + "_next_id") == -1
+    finally:
+        remove_all_objects()
+
+
+@short_lock_timeout
+def handler_requests_while_its_thread_waits():
+    """A foreign holder has the IPC lock; this thread waits; a signal handler makes a request."""
+    ready_read, ready_write = os.pipe()
+    holder = ORIGINALS["os.fork"]()
+    if holder == 0:
+        fd = os.open("/proc/self/ns/ipc", os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(ready_write, b"1")
+        time.sleep(0.4)
+        os._exit(0)
+    os.read(ready_read, 1)
+    outcomes = []
+
+    def handler(signum, frame):
+        outcomes.append(outcome_of(lambda: idpin.request(msg=MSG_A).__enter__()
+                                   .__exit__(None, None, None)))
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    outcomes.append(outcome_of(lambda: idpin.request(sem=SEM_A).__enter__()
+                               .__exit__(None, None, None)))
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    reap(holder)
+    probe = ORIGINALS["os.fork"]()
+    if probe == 0:
+        fd = os.open("/proc/self/ns/ipc", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os._exit(1)
+        os._exit(0)
+    return outcomes, reap(probe) == 0, knobs.any_held()
+
+
+def test_item3_a_signal_handler_that_requests_while_its_thread_waits_for_the_lock():
+    outcomes, free, held = faults.run_bounded(handler_requests_while_its_thread_waits, 20)
+    assert outcomes == ["ok", "ok"], outcomes  # the handler's block, then the thread's
+    assert free and not held, "the IPC lock is left held by this process (free=%s, held=%s)" % (
+        free, held)

@@ -449,11 +449,34 @@ def another_thread_can_request():
     thread.join(OTHER_THREAD_SECONDS)
     if thread.is_alive():
         return ("another thread's request did not finish within %.0f s (an idpin lock or "
-                "mutex left owned)" % OTHER_THREAD_SECONDS)
+                "mutex left owned); it waits in %s" % (OTHER_THREAD_SECONDS, where_stuck(thread)))
     _wait_for_threads_gone()
     if outcome[0] is not None:
         return "another thread's request raised %r" % outcome[0]
     return None
+
+
+def where_stuck(thread):
+    """The innermost frames of a stuck thread, as file:line function."""
+    frame = sys._current_frames().get(thread.ident)
+    where = []
+    while frame is not None and len(where) < 4:
+        where.append("%s:%d %s" % (os.path.basename(frame.f_code.co_filename), frame.f_lineno,
+                                   frame.f_code.co_name))
+        frame = frame.f_back
+    return " < ".join(where) or "?"
+
+
+def describe_process(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "gone"
+    fields = stat[stat.rindex(")") + 2:].split()
+    return "state %s, ppid %s, %s" % (fields[0], fields[1], cmdline[:60] or stat[:stat.index(")") + 1])
 
 
 def _wait_for_threads_gone():
@@ -486,7 +509,7 @@ def leftovers(limits, fds_before, wanted_pids, this_process=True):
         problems.append("fd %d left open (%s)" % (fd, _fd_target(fd)))
         os.close(fd)
     for pid in other_processes():
-        problems.append("process %d left" % pid)
+        problems.append("process %d left (%s)" % (pid, describe_process(pid)))
     killed = reap_all(0.2)
     if killed:
         problems.append("processes %s had to be killed" % killed)
