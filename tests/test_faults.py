@@ -31,6 +31,7 @@ from helpers import knob, reap, wait_until
 SEED = 7
 KILL_TRIALS = 6
 INTERRUPT_TRIALS = 12
+STORM_TRIALS = 6
 # A deadlock must end within this: idpin's own bounded wait, set to
 # LOCK_TIMEOUT by the scenarios, ends it well before.
 HANG_SECONDS = 25.0
@@ -72,6 +73,15 @@ def test_item3_raising_handler_at_random_points_leaves_nothing(kind):
     assert tally["trials"] == INTERRUPT_TRIALS
     # Not vacuous: the handler raised inside idpin in a good share of the trials.
     assert tally["faulted"] >= INTERRUPT_TRIALS // 4, tally
+
+
+@pytest.mark.parametrize("kind", faults.KINDS)
+def test_item3_a_storm_of_raising_handlers_leaves_nothing(kind):
+    # Ctrl-C pressed again while idpin cleans up after the first one.
+    tally = faults.run_bounded(faults.storm_trials, 60, kind, STORM_TRIALS, SEED)
+    assert tally["dirty"] == 0 and tally["wrong"] == 0, describe(tally)
+    assert tally["trials"] == STORM_TRIALS
+    assert tally["faulted"] >= STORM_TRIALS // 4, tally
 
 
 # -- item 1: a creation idpin does not see is credited only when provably the block's ---------
@@ -780,7 +790,7 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
     rows = section["rows"]
     assert {(r["fault"], r["kind"], r["backend"]) for r in rows} == {
         (fault, kind, backend) for fault, kind in (("kill", "sem"), ("interrupt", "sem"),
-                                                   ("foreign", "sem-foreign"))
+                                                   ("storm", "sem"), ("foreign", "sem-foreign"))
         for backend in _sys.BACKENDS}
     assert all(r["trials"] >= faults.QUICK["trials"] for r in rows), rows
     assert "left something" in out.getvalue() and "WRONG ids" in out.getvalue()

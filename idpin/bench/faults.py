@@ -755,13 +755,17 @@ class _Interrupter:
 
     def __init__(self):
         self.raised = 0
+        self.budget = 1  # raises left in this trial; the timer stops at 0
 
     def __call__(self, signum, frame):
         # The interpreter swallows what a weakref callback raises: no fault there.
         if frame is not None and frame.f_code.co_filename.endswith("_weakrefset.py"):
             return
-        if _inside_idpin(frame):
+        if self.budget > 0 and _inside_idpin(frame):
             self.raised += 1
+            self.budget -= 1
+            if self.budget == 0:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             raise KeyboardInterrupt("idpin.bench.faults: raised at a random point")
 
 
@@ -797,11 +801,25 @@ def _time_op(op, rng, runs=3):
 SERIES_LOCK_TIMEOUT = 1.0
 
 
-def interrupt_trials(kind, trials, seed):
-    """``trials`` runs of ``kind``'s op, each with a timer raising at a random point."""
+# A storm: Ctrl-C pressed again while idpin cleans up after the first one.
+STORM_RAISES = 3
+STORM_INTERVAL = (20e-6, 200e-6)
+
+
+def storm_trials(kind, trials, seed):
+    """Like interrupt_trials, with up to STORM_RAISES raises close together per trial."""
+    return interrupt_trials(kind, trials, seed, storm=STORM_RAISES)
+
+
+def interrupt_trials(kind, trials, seed, storm=1):
+    """``trials`` runs of ``kind``'s op, each with a timer raising at a random point.
+
+    ``storm``: how many times the handler raises per trial (the later ones
+    land in idpin's cleanup after the first).
+    """
     rng = random.Random(seed)
     idpin.set_lock_timeout(SERIES_LOCK_TIMEOUT)
-    tally = Tally(kind, "interrupt")
+    tally = Tally(kind, "interrupt" if storm == 1 else "storm")
     _prepare(kind)
     if needs_threads(kind):
         stop, parked = _park_a_thread()
@@ -816,7 +834,9 @@ def interrupt_trials(kind, trials, seed):
         for trial in range(trials):
             got = Got()
             raised_before = interrupter.raised
-            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, span * 1.2))
+            interrupter.budget = storm
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, span * 1.2),
+                             rng.uniform(*STORM_INTERVAL) if storm > 1 else 0)
             try:
                 op(got, rng)
                 got.completed = True
@@ -959,7 +979,8 @@ FULL = {"trials": 300, "timeout": 600.0}
 # Foreign creators hit a block's window rarely: many more blocks per series.
 FOREIGN_TRIALS_FACTOR = 10
 QUICK = {"trials": 3, "timeout": 120.0}
-FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials, "foreign": foreign_trials}
+FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials, "storm": storm_trials,
+          "foreign": foreign_trials}
 FOREIGN_KINDS = ("sem", "shm", "msg")
 
 
@@ -1018,6 +1039,7 @@ LEGEND = """\
 kill: a worker running the kind's requests in a loop is SIGKILLed after a random
 delay; then this process makes the same requests and checks the namespace.
 interrupt: a timer handler raises KeyboardInterrupt at a random point inside idpin.
+storm: the same, raising up to 3 times 20-200 us apart (Ctrl-C again during the cleanup).
 foreign: blocks whose own creation idpin does not see (sysv_ipc), beside a process and a
 thread creating and removing objects without idpin (a rotating pool: the count stays put).
 fault landed = trials where the kill hit a running worker / the handler raised inside idpin /
