@@ -29,13 +29,14 @@ from idpin.interpose import ORIGINALS
 from helpers import knob, reap, wait_until
 
 SEED = 7
-KILL_TRIALS = 6
-INTERRUPT_TRIALS = 12
-STORM_TRIALS = 6
+KILL_TRIALS = 4
+INTERRUPT_TRIALS = 10
+STORM_TRIALS = 5
+FOREIGN_TRIALS = 40
 # A deadlock must end within this: idpin's own bounded wait, set to
 # LOCK_TIMEOUT by the scenarios, ends it well before.
 HANG_SECONDS = 25.0
-LOCK_TIMEOUT = 1.0
+LOCK_TIMEOUT = 0.5
 IDPIN_DIR = os.path.dirname(os.path.abspath(idpin.__file__)) + os.sep
 
 SEM_A, SEM_B = (3 << 15) | 11, (3 << 15) | 12
@@ -801,9 +802,9 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
 def test_item1_blocks_beside_rotating_foreign_creators_give_no_silent_wrong_credit(kind):
     # A process and a thread create objects without idpin and remove older
     # ones, so the object count stays put (the stress, shortened).
-    tally = faults.run_bounded(faults.foreign_trials, 60, kind, 60, SEED)
+    tally = faults.run_bounded(faults.foreign_trials, 60, kind, FOREIGN_TRIALS, SEED)
     assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
-    assert tally["trials"] == 60
+    assert tally["trials"] == FOREIGN_TRIALS
 
 
 # -- items 3/4: a tid block that ends unused leaves ns_last_pid as it found it ----------------
