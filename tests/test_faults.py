@@ -348,17 +348,20 @@ def lock_held_forever_by_a_foreign_process():
         os._exit(0)
     os.read(ready_read, 1)
     began = time.monotonic()
+    limits, fds_before = faults.read_limits(), testing.open_fds()
     outcome = outcome_of(lambda: idpin.request(sem=SEM_A).__enter__().__exit__(None, None, None))
     waited = time.monotonic() - began
     os.kill(holder, signal.SIGKILL)
     reap(holder)
-    return outcome, holder, waited
+    # The refused block left nothing: no lock, knob, fd or request of its own.
+    return outcome, holder, waited, faults.leftovers(limits, fds_before, {SEM_A})
 
 
 def test_item2_a_lock_held_forever_gives_a_bounded_wait_error_naming_the_holder():
-    outcome, holder, waited = faults.run_bounded(lock_held_forever_by_a_foreign_process, HANG_SECONDS)
+    outcome, holder, waited, left = faults.run_bounded(lock_held_forever_by_a_foreign_process,
+                                                       HANG_SECONDS)
     assert outcome != "ok" and lock_error_or_ok(outcome, holder_pid=holder), outcome
-    assert waited < HANG_SECONDS
+    assert waited < HANG_SECONDS and left == [], (waited, left)
 
 
 # -- item 3: a SIGINT while waiting for the lock -------------------------------------------
@@ -912,3 +915,21 @@ def test_item3_a_signal_handler_that_requests_while_its_thread_waits_for_the_loc
     assert outcomes == ["ok", "ok"], outcomes  # the handler's block, then the thread's
     assert free and not held, "the IPC lock is left held by this process (free=%s, held=%s)" % (
         free, held)
+
+
+@pytest.mark.parametrize("kind", ["msg", "sem", "shm"])
+def test_item4_idpins_limit_helper_runs_none_of_the_callers_at_fork_hooks(kind):
+    # In a full namespace idpin forks a helper to make room for its
+    # throwaway. The caller's at-fork hooks are for the caller's forks: in
+    # idpin's helper they run caller code idpin then waits for (a hook that
+    # blocks would block the caller's block exit, holding idpin's lock).
+    faults.fill_namespace(kind)
+    hook_read, hook_write = os.pipe()
+    me = os.getpid()
+    os.register_at_fork(after_in_child=lambda: os.getpid() != me and os.write(hook_write, b"h"))
+    outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                      .__exit__(None, None, None))
+    os.close(hook_write)
+    ran = faults_read(hook_read)
+    assert outcome is None, repr(outcome)  # the helper made room: the block ended cleanly
+    assert ran == "", "the caller's at-fork hook ran in %d idpin helper process(es)" % len(ran)
