@@ -933,3 +933,43 @@ def test_item4_idpins_limit_helper_runs_none_of_the_callers_at_fork_hooks(kind):
     ran = faults_read(hook_read)
     assert outcome is None, repr(outcome)  # the helper made room: the block ended cleanly
     assert ran == "", "the caller's at-fork hook ran in %d idpin helper process(es)" % len(ran)
+
+
+# A daemon that ignores SIGCHLD has its children reaped by the kernel: a
+# waitpid for one of them fails with ECHILD. idpin's own children (a wrongly
+# numbered knob-path child it undoes, the limit helper) must not turn that
+# into a raw ChildProcessError out of the caller's fork or block.
+
+
+def test_item8_undoing_a_wrongly_numbered_child_works_when_sigchld_is_ignored():
+    pid, release = hold_pid_as_a_process_group()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()  # two threads: the knob path
+    try:
+        with pytest.raises(idpin.IdBusyError):
+            with idpin.request(pid=pid):
+                child = os.fork()
+                if child == 0:
+                    os._exit(0)
+    finally:
+        stop.set()
+        parked.join()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.write(release, b"x")
+        os.close(release)
+        reap_everything()
+
+
+@pytest.mark.parametrize("kind", ["msg", "sem"])
+def test_item5_a_full_namespace_block_ends_cleanly_when_sigchld_is_ignored(kind):
+    faults.fill_namespace(kind)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                          .__exit__(None, None, None))
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    assert outcome is None, repr(outcome)
+    assert faults.armed_knobs() == {}
