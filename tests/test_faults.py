@@ -7,12 +7,10 @@ runner with a deadline (idpin.bench.faults.run_bounded), so a deadlock is a
 failure with a message, never a stuck suite.
 """
 import ctypes
-import errno
 import fcntl
 import os
 import re
 import resource
-import select
 import signal
 import sys
 import threading

@@ -26,7 +26,6 @@ fds) is recognisable: its IPC objects have mode ``CALLER_MODE``, and the
 ops record whatever idpin handed them. Anything else left is idpin's.
 """
 import collections
-import errno
 import fcntl
 import os
 import pickle
