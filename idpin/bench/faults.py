@@ -437,7 +437,9 @@ def plain_fork_is_ordinary(wanted_pids):
 def _request_everything():
     """One request of each idpin lock (pid, ipc, pts); None, or what it raised."""
     try:
-        with idpin.request(tid=CHECK_TID, sem=CHECK_SEM):
+        with idpin.request(sem=CHECK_SEM):  # the IPC lock, after the pid lock
+            pass
+        with idpin.request(tid=CHECK_TID):
             pass
         for master, slave in idpin.pty.open_many([CHECK_PTY]).values():
             os.close(master)
@@ -617,6 +619,20 @@ def _fd_target(fd):
 
 
 # -- the next idpin user ------------------------------------------------------------
+
+
+def after_the_next_user(wanted_pids):
+    """The next idpin user takes every lock (asking for other ids); then no stale knob may act.
+
+    A worker killed with ns_last_pid armed for its pid or tid leaves the next
+    fork anyone makes in the namespace that id, unless the next lock holder
+    puts the cursor back.
+    """
+    problem = _request_everything()
+    if problem is not None:
+        return ["the next idpin user's request raised %r" % problem]
+    problem = plain_fork_is_ordinary(wanted_pids)
+    return [problem + " (after the next idpin user took every lock)"] if problem else []
 
 
 def request_again(kind):
@@ -822,8 +838,9 @@ def kill_trials(kind, trials, seed, max_delay=0.01):
         for obj_kind, id, mode in ipc_objects():
             if mode == CALLER_MODE:  # the worker's own, left when it was killed
                 _sys.ipc_remove(ipc.CODE[obj_kind], id)
-        problems, wrong = request_again(kind)
-        problems += leftovers(limits, fds_before, wanted_pids)
+        problems = after_the_next_user(wanted_pids)
+        more, wrong = request_again(kind)
+        problems += more + leftovers(limits, fds_before, wanted_pids)
         tally.add(problems, wrong)
     return tally.as_dict()
 
