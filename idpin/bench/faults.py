@@ -622,15 +622,20 @@ def _fd_target(fd):
 
 
 def after_the_next_user(wanted_pids):
-    """The next idpin user takes every lock (asking for other ids); then no stale knob may act.
+    """The next idpin user takes every lock (asking for no pid or tid); then no stale knob may act.
 
     A worker killed with ns_last_pid armed for its pid or tid leaves the next
     fork anyone makes in the namespace that id, unless the next lock holder
     puts the cursor back.
     """
-    problem = _request_everything()
-    if problem is not None:
-        return ["the next idpin user's request raised %r" % problem]
+    try:
+        with idpin.request(sem=CHECK_SEM):  # the IPC lock, after the pid lock
+            pass
+        for master, slave in idpin.pty.open_many([CHECK_PTY]).values():
+            os.close(master)
+            os.close(slave)
+    except idpin.IdpinError as err:
+        return ["the next idpin user's request raised %r" % err]
     problem = plain_fork_is_ordinary(wanted_pids)
     return [problem + " (after the next idpin user took every lock)"] if problem else []
 
