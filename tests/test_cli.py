@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +11,67 @@ from idpin import _sys, cli
 def run(*argv):
     out = io.StringIO()
     return cli.main(list(argv), out=out), out.getvalue()
+
+
+def every_parser(p=None, path=()):
+    """(path, parser) for the idpin parser and every subcommand under it, at any depth."""
+    p = p or cli.parser()
+    yield path, p
+    for name, child in cli.subcommands(p).items():
+        yield from every_parser(child, path + (name,))
+
+
+def help_text(capsys, *argv):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(list(argv), out=io.StringIO())
+    captured = capsys.readouterr()
+    assert exit.value.code == 0, captured.err
+    return captured.out
+
+
+@pytest.mark.host
+def test_the_walk_finds_every_registered_command_and_the_bench_suites():
+    paths = {path for path, _ in every_parser()}
+    assert {(name,) for name in cli.COMMANDS} <= paths
+    assert {(), ("bench", "race"), ("bench", "perf")} <= paths
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_subcommand_help_works_and_lists_its_options(capsys, flag):
+    for path, p in every_parser():
+        text = help_text(capsys, *path, flag)
+        assert text.startswith("usage: " + " ".join(("idpin",) + path)), (path, text)
+        options = [o for action in p._actions for o in action.option_strings]
+        assert "-h" in options and "--help" in options
+        missing = [o for o in options if o not in text]
+        assert missing == [], (path, missing)
+        missing = [name for name in cli.subcommands(p) if name not in text]
+        assert missing == [], (path, missing)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(capsys, flag):
+    assert help_text(capsys, flag) == "idpin %s\n" % idpin.__version__
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("path", [(), ("bench",)], ids=["idpin", "bench"])
+def test_a_command_without_its_subcommand_lists_them(path):
+    status, text = run(*path)
+    assert status == 2
+    names = cli.COMMANDS if path == () else ("race", "perf")
+    assert text.startswith("usage: ") and all(name in text for name in names), text
+
+
+@pytest.mark.host
+def test_the_installed_command_line_answers_bench_help(tmp_path):
+    # Through the real argv handling, from a directory without the source tree.
+    done = subprocess.run([sys.executable, "-m", "idpin", "bench", "perf", "-h"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--plot" in done.stdout
 
 
 def test_probe_reports_every_kind_with_its_mechanism():

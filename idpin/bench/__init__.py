@@ -13,7 +13,6 @@ left behind), never speed.
 Exit status: 0 when every invariant held, 1 when one broke, 2 when the
 tables were written but the plot could not be.
 """
-import argparse
 import os
 import sys
 
@@ -24,10 +23,9 @@ from .report import write_results
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 
-def parser():
-    p = argparse.ArgumentParser(
-        prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
-    sub = p.add_subparsers(dest="suite", required=True)
+def add_arguments(p):
+    """Add the suites, as subcommands, to the ``idpin bench`` parser ``p``."""
+    sub = p.add_subparsers(dest="suite", metavar="SUITE")
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
                        ("perf", "idpin's cost as a ratio of its physical floor, measured side by side")):
         suite = sub.add_parser(name, help=text, description=text)
@@ -36,13 +34,17 @@ def parser():
         suite.add_argument("--plot", action="store_true", help="also draw PNG charts (needs matplotlib)")
         suite.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                            help="where results.json and the charts go (default: %(default)s)")
-    return p
 
 
 def main(argv, out=None):
-    """Run ``idpin bench <argv>``; the exit status."""
-    out = out or sys.stdout
-    args = parser().parse_args(argv)
+    """Run ``idpin bench <argv>``; the exit status (the same as the command line's)."""
+    from .. import cli
+
+    return cli.main(["bench", *argv], out)
+
+
+def run(args, out):
+    """Run the suite ``args`` (parsed by ``idpin bench``) names; the exit status."""
     # Found here once, so that namespace children inherit it instead of each
     # starting a probe thread (a worker with a thread cannot use clone3).
     _sys.tid_cache_offset()
@@ -50,7 +52,7 @@ def main(argv, out=None):
     for name, why in missing.items():
         out.write("note: the %s backend is not available (%s); its cells are skipped\n" % (name, why))
     section = SUITES[args.suite](args, backends)
-    section["command"] = "idpin bench " + " ".join(argv)
+    section["command"] = "idpin " + " ".join(args.argv)
     section["machine"] = machine.describe()
     section["machine_line"] = machine.one_line(section["machine"])
     section["mode"] = "quick" if args.quick else "full"
