@@ -32,16 +32,22 @@ class ChildError(RuntimeError):
     """The namespace child failed outside fn, or died without reporting."""
 
 
-def run_in_namespaces(fn, *args, uid=0, userns=True, backend=None, check_leaks=True,
+def run_in_namespaces(fn, *args, uid=None, userns=True, backend=None, check_leaks=True,
                       timeout=120.0, **kwargs):
     """Run ``fn(*args, **kwargs)`` as pid 1 of fresh namespaces; return its result.
 
-    uid: the host uid the child runs as before creating its user namespace
-    (0, or e.g. NOBODY for the unprivileged path; changing it needs root).
+    Needs no privilege: the caller's uid becomes root of the new user
+    namespace (where unprivileged user namespaces are enabled).
+    uid: the host uid the child switches to before creating its user
+    namespace (None: stay the caller's; e.g. NOBODY, from root, for the
+    unprivileged path).
     userns=False runs fn in a plain forked child with the host's namespaces,
     for code that must see the host's refusals (only sensible with uid != 0).
     backend: "cython" or "ctypes" to force idpin._sys's backend in the child.
     """
+    if uid is not None and uid != os.getuid() and os.geteuid() != 0:
+        raise PermissionError("run_in_namespaces(uid=%d) needs root to switch to that uid; "
+                              "leave uid unset to run as yourself (uid %d)" % (uid, os.getuid()))
     read_end, write_end = os.pipe()
     middle = ORIGINALS["os.fork"]()
     if middle == 0:
@@ -60,7 +66,7 @@ def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
     try:
         if backend is not None:
             _sys.use(backend)
-        if uid != os.getuid():
+        if uid is not None and uid != os.getuid():
             _preload()
             _become(uid)
         if not userns:
@@ -112,7 +118,8 @@ def _preload():
 
 
 def _become(uid):
-    os.setgroups([])
+    if _setgroups_allowed():
+        os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     # Changing credentials clears "dumpable", which makes /proc/self/*_map
@@ -120,9 +127,25 @@ def _become(uid):
     _sys.prctl(_sys.PR_SET_DUMPABLE, 1)
 
 
+def _setgroups_allowed():
+    # Inside a user namespace whose setgroups is denied, the supplementary
+    # groups are fixed: setgroups fails with EPERM even for its root.
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() != "deny"
+    except FileNotFoundError:
+        return True
+
+
 def _enter_namespaces():
     uid, gid = os.getuid(), os.getgid()
-    _sys.unshare(_NEW_NAMESPACES)
+    try:
+        _sys.unshare(_NEW_NAMESPACES)
+    except PermissionError as err:
+        raise PermissionError(err.errno, (
+            "uid %d may not create user namespaces here: unprivileged user namespaces are "
+            "disabled (e.g. sysctl user.max_user_namespaces=0, kernel.unprivileged_userns_clone=0 "
+            "or an AppArmor restriction); run as root, or enable them" % uid)) from err
     _write("/proc/self/uid_map", "0 %d 1\n" % uid)
     _write("/proc/self/setgroups", "deny\n")
     _write("/proc/self/gid_map", "0 %d 1\n" % gid)

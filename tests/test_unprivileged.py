@@ -1,10 +1,13 @@
-"""Outside any user namespace, an unprivileged user is refused, and told why."""
+"""An unprivileged user: refused outside any user namespace, and told why;
+served inside user namespaces it creates itself."""
+import io
 import os
 
 import pytest
 
 import idpin
-from idpin.testing import NOBODY
+from idpin import cli
+from idpin.testing import NOBODY, run_in_namespaces
 
 outside = pytest.mark.namespaces(uid=NOBODY, userns=False)
 
@@ -31,3 +34,40 @@ def test_ipc_request_raises_unsupported():
     with pytest.raises(idpin.UnsupportedError, match="sem_next_id"):
         with idpin.request(sem=5):
             pass
+
+
+# Inside user namespaces it creates itself, an unprivileged user gets every
+# kind: run_in_namespaces and `idpin demo` need no privilege.
+
+
+def _pid_uid_and_sem_knob():
+    with open("/proc/sys/kernel/sem_next_id") as f:
+        return os.getpid(), os.getuid(), int(f.read())
+
+
+@outside
+def test_run_in_namespaces_needs_no_privilege():
+    assert os.getuid() == NOBODY
+    assert run_in_namespaces(_pid_uid_and_sem_knob) == (1, 0, -1)
+
+
+@outside
+def test_run_in_namespaces_refuses_a_uid_switch_it_cannot_make():
+    with pytest.raises(PermissionError, match="needs root to switch to that uid"):
+        run_in_namespaces(_pid_uid_and_sem_knob, uid=0)
+
+
+def _demo():
+    out = io.StringIO()
+    return os.getuid(), cli.main(["demo"], out=out), out.getvalue()
+
+
+@pytest.mark.host
+def test_demo_needs_no_privilege():
+    # Once, not per backend: the demo is the slowest command.
+    uid, status, text = run_in_namespaces(_demo, uid=NOBODY, userns=False)
+    assert (uid, status) == (NOBODY, 0), text
+    rows = {line.split()[0]: line.split()[1:3] for line in text.splitlines()[4:10]}
+    assert rows == {"pid": ["4242", "4242"], "tid": ["4343", "4343"], "sem": ["32776", "32776"],
+                    "shm": ["98316", "98316"], "msg": ["294917", "294917"],
+                    "pty": ["/dev/pts/5", "/dev/pts/5"]}, text
