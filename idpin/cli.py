@@ -45,20 +45,25 @@ def command(name: str, help: str, arguments: Arguments | None = None,
 
 # -- doctor --------------------------------------------------------------------------------
 
-@command("doctor", "what this system lets idpin do, and how to fix what it cannot")
-def doctor(args: argparse.Namespace, out: TextIO) -> int:
-    from . import _sys
-    from .demo import table
-    from .probe import probe
+DOCTOR_DESCRIPTION = """\
+What this system lets idpin do, kind by kind, and how to fix what it
+cannot. Exit status: 0; with --check, 1 when a checked kind is not
+available; 2 for wrong usage."""
 
-    caps = probe()
-    rows = [(kind, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-") for kind, cap in caps.items()]
-    out.write(table(("kind", "ok", "mechanism", "reason / fix"), rows) + "\n\n")
-    out.write("backend: %s" % _sys.BACKEND)
-    if _sys.load_error is not None:
-        out.write(" (the Cython extension did not load: %s)" % _sys.load_error)
-    out.write("\n")
-    return 0
+
+def doctor_arguments(p: argparse.ArgumentParser) -> None:
+    from .probe import KINDS
+
+    p.add_argument("--check", nargs="*", metavar="KIND", choices=KINDS,
+                   help="exit 1 unless every KIND (default: all of %s) is available" % ", ".join(KINDS))
+
+
+@command("doctor", "what this system lets idpin do, and how to fix what it cannot",
+         doctor_arguments, DOCTOR_DESCRIPTION)
+def doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from . import doctor as report
+
+    return report.main(out, check=args.check)
 
 
 # -- demo ----------------------------------------------------------------------------------

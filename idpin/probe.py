@@ -23,6 +23,16 @@ _NO_PRIVILEGE = (
 )
 
 
+KINDS = ("pid", "tid", "sem", "shm", "msg", "pty")
+
+# The inode numbers of the host's initial namespaces: fixed by the kernel
+# (PROC_PID_INIT_INO and PROC_IPC_INIT_INO in include/linux/proc_ns.h).
+# Children are created in pid_for_children (it differs from pid after an
+# unshare(CLONE_NEWPID); it is missing until that namespace's first child).
+INITIAL_NAMESPACE_INODES = {"pid_for_children": 0xEFFFFFFC, "ipc": 0xEFFFFFFF}
+NAMESPACE_OF = {"pid": "pid", "tid": "pid", "sem": "ipc", "shm": "ipc", "msg": "ipc"}
+
+
 def probe():
     """dict kind -> Capability for pid, tid, sem, shm, msg and pty."""
     caps = {"pid": probe_pid(), "tid": probe_tid()}
@@ -109,3 +119,19 @@ def probe_pty():
     if not os.access(instance.ptmx, os.R_OK | os.W_OK):
         return Capability(False, "ptmx-walk", "%s is not readable and writable" % instance.ptmx)
     return Capability(True, "ptmx-walk", "")
+
+
+def host_namespaces():
+    """The namespaces of ours ("pid", "ipc") that are the host's initial ones.
+
+    Pinning an id there writes the host's own knobs and takes ids the host's
+    other processes would have got.
+    """
+    found = []
+    for name, inode in INITIAL_NAMESPACE_INODES.items():
+        try:
+            if os.stat("/proc/self/ns/" + name).st_ino == inode:
+                found.append(name.split("_")[0])
+        except FileNotFoundError:
+            pass
+    return found

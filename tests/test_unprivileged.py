@@ -1,12 +1,10 @@
 """An unprivileged user: refused outside any user namespace, and told why;
 served inside user namespaces it creates itself."""
-import io
 import os
 
 import pytest
 
 import idpin
-from idpin import cli
 from idpin.testing import NOBODY, run_in_namespaces
 
 outside = pytest.mark.namespaces(uid=NOBODY, userns=False)
@@ -37,7 +35,7 @@ def test_ipc_request_raises_unsupported():
 
 
 # Inside user namespaces it creates itself, an unprivileged user gets every
-# kind: run_in_namespaces and `idpin demo` need no privilege.
+# kind: run_in_namespaces needs no privilege (idpin demo: tests/test_cli.py).
 
 
 def _pid_uid_and_sem_knob():
@@ -56,18 +54,3 @@ def test_run_in_namespaces_refuses_a_uid_switch_it_cannot_make():
     with pytest.raises(PermissionError, match="needs root to switch to that uid"):
         run_in_namespaces(_pid_uid_and_sem_knob, uid=0)
 
-
-def _demo():
-    out = io.StringIO()
-    return os.getuid(), cli.main(["demo"], out=out), out.getvalue()
-
-
-@pytest.mark.host
-def test_demo_needs_no_privilege():
-    # Once, not per backend: the demo is the slowest command.
-    uid, status, text = run_in_namespaces(_demo, uid=NOBODY, userns=False)
-    assert (uid, status) == (NOBODY, 0), text
-    rows = {line.split()[0]: line.split()[1:3] for line in text.splitlines()[4:10]}
-    assert rows == {"pid": ["4242", "4242"], "tid": ["4343", "4343"], "sem": ["32776", "32776"],
-                    "shm": ["98316", "98316"], "msg": ["294917", "294917"],
-                    "pty": ["/dev/pts/5", "/dev/pts/5"]}, text
