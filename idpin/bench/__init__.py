@@ -10,9 +10,11 @@ section in DIR/results.json and, with --plot, draws DIR/<suite>.png
 runs that check correctness invariants only (no wrong id from idpin, nothing
 left behind), never speed.
 
-Exit status: 0 when every invariant held, 1 when one broke, 2 when the
-tables were written but the plot could not be.
+Exit status: 0 when every invariant held, 1 when one broke, 2 when --plot
+cannot draw (matplotlib missing: found before the run; or broken) or for
+wrong usage.
 """
+import importlib.util
 import os
 import sys
 
@@ -45,6 +47,9 @@ def main(argv, out=None):
 
 def run(args, out):
     """Run the suite ``args`` (parsed by ``idpin bench``) names; the exit status."""
+    if args.plot and plotting_missing():
+        out.write("--plot needs %s: install it with: pip install 'idpin[bench]'\n" % plotting_missing())
+        return 2
     # Found here once, so that namespace children inherit it instead of each
     # starting a probe thread (a worker with a thread cannot use clone3).
     _sys.tid_cache_offset()
@@ -86,6 +91,14 @@ def render_perf(section, out):
 
 SUITES = {"race": run_race, "perf": run_perf}
 RENDER = {"race": race.render, "perf": render_perf}
+
+
+def plotting_missing():
+    """What --plot lacks (None: nothing). Found without importing matplotlib:
+    its import can start threads, and the suites fork."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib, which is not installed"
+    return None
 
 
 def draw(suite, section, out_dir, out):
