@@ -62,17 +62,28 @@ ROUTES = {
 }
 
 
-def install():
+def install() -> None:
+    """Route os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty and
+    threading.Thread.start through idpin, process-wide (``import idpin`` does it)."""
     for (owner, name), routed in ROUTES.items():
         setattr(owner, name, routed)
 
 
-def uninstall():
-    """Put the stdlib functions back (tests of the routing use this)."""
+def uninstall() -> None:
+    """Put the stdlib's own os.fork, os.forkpty, os.openpty, pty.fork,
+    pty.openpty and threading.Thread.start back, process-wide.
+
+    Request blocks then reach only idpin's explicit entry points
+    (idpin.fork, idpin.ipc.*, idpin.pty.*) and the kernel knobs (tid, IPC):
+    a plain os.fork or os.openpty ignores a pid or pty request, and an
+    unpinned fork is no longer steered past a tid another thread armed.
+    Call it outside request blocks; ``install()`` routes them again.
+    """
     for (owner, name), _ in ROUTES.items():
         key = "%s.%s" % ("threading.Thread" if owner is threading.Thread else owner.__name__, name)
         setattr(owner, name, ORIGINALS[key])
 
 
-def installed():
+def installed() -> bool:
+    """Whether the stdlib calls are routed through idpin."""
     return os.fork is fork
