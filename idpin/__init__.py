@@ -12,7 +12,8 @@ routed through idpin (ordinary calls when no request is pending);
 idpin.uninstall() puts the originals back and idpin.install() routes again.
 """
 from . import _sys
-from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
+from .errors import IdBusyError, IdpinError, LockTimeoutError, RequestError, UnsupportedError
+from .knobs import lock_timeout, set_lock_timeout
 from .request import Request, request
 from . import pids, tids, ipc, pty  # noqa: E402  (each registers its kind)
 from .pids import fork
@@ -22,12 +23,13 @@ from .interpose.stdlib import install, installed, uninstall
 
 __version__ = "0.1.0"
 __all__ = [
-    "Capability", "IdBusyError", "IdpinError", "Request", "RequestError",
-    "UnsupportedError", "fork", "install", "installed", "ipc", "probe", "pty", "request",
-    "uninstall",
+    "Capability", "IdBusyError", "IdpinError", "LockTimeoutError", "Request", "RequestError",
+    "UnsupportedError", "fork", "install", "installed", "ipc", "lock_timeout", "probe", "pty",
+    "request", "set_lock_timeout", "uninstall",
 ]
 
-for _name in ("Request", "request", "fork", "probe", "Capability", "install", "installed", "uninstall"):
+for _name in ("Request", "request", "fork", "probe", "Capability", "install", "installed", "uninstall",
+              "lock_timeout", "set_lock_timeout"):
     globals()[_name].__module__ = "idpin"
 
 # Importing idpin routes the stdlib's id-allocating calls through it,

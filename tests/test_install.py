@@ -8,7 +8,8 @@ from idpin.interpose import ORIGINALS
 
 ROUTED = {"os.fork": (os, "fork"), "os.forkpty": (os, "forkpty"), "os.openpty": (os, "openpty"),
           "pty.fork": (pty, "fork"), "pty.openpty": (pty, "openpty"),
-          "threading.Thread.start": (threading.Thread, "start")}
+          "threading.Thread.start": (threading.Thread, "start"),
+          "threading._start_new_thread": (threading, "_start_new_thread")}
 
 
 def current(name):
@@ -27,6 +28,7 @@ def forked_pid(pid):
 
 
 def test_import_routes_every_call_and_uninstall_puts_the_originals_back():
+    assert set(ROUTED) == set(ORIGINALS)
     assert idpin.installed()
     assert [name for name in ROUTED if current(name) is ORIGINALS[name]] == []
     idpin.uninstall()

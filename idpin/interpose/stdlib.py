@@ -46,9 +46,14 @@ def thread_start(self):
     return tids.start_thread(self)
 
 
+def start_new_thread(function, args, kwargs=None):
+    return tids.start_new_thread(function, args, kwargs)
+
+
 for _routed, _original in ((fork, "os.fork"), (forkpty, "os.forkpty"), (openpty, "os.openpty"),
                            (pty_fork, "pty.fork"), (pty_openpty, "pty.openpty"),
-                           (thread_start, "threading.Thread.start")):
+                           (thread_start, "threading.Thread.start"),
+                           (start_new_thread, "threading._start_new_thread")):
     _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.stdlib)." % _original
     _routed.__wrapped__ = ORIGINALS[_original]
 
@@ -59,19 +64,22 @@ ROUTES = {
     (stdlib_pty, "fork"): pty_fork,
     (stdlib_pty, "openpty"): pty_openpty,
     (threading.Thread, "start"): thread_start,
+    (threading, "_start_new_thread"): start_new_thread,
 }
 
 
 def install() -> None:
     """Route os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty and
-    threading.Thread.start through idpin, process-wide (``import idpin`` does it)."""
+    threading.Thread.start (and threading's internal _start_new_thread)
+    through idpin, process-wide (``import idpin`` does it)."""
     for (owner, name), routed in ROUTES.items():
         setattr(owner, name, routed)
 
 
 def uninstall() -> None:
     """Put the stdlib's own os.fork, os.forkpty, os.openpty, pty.fork,
-    pty.openpty and threading.Thread.start back, process-wide.
+    pty.openpty, threading.Thread.start and threading._start_new_thread
+    back, process-wide.
 
     Request blocks then reach only idpin's explicit entry points
     (idpin.fork, idpin.ipc.*, idpin.pty.*) and the kernel knobs (tid, IPC):
