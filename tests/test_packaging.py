@@ -21,3 +21,21 @@ def test_the_changelog_has_the_current_version_and_an_unreleased_section():
     headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert headings[0] == "Unreleased"
     assert idpin.__version__ in headings
+
+
+def test_the_installed_package_says_it_is_typed():
+    import importlib.resources
+
+    assert (importlib.resources.files("idpin") / "py.typed").is_file()
+
+
+def test_mypy_finds_no_error_in_the_package_and_the_typed_usage():
+    # The configuration is pyproject.toml's [tool.mypy]; tests/typed_usage.py
+    # fails the check when a public annotation is missing or wrong.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("Success: no issues found"), done.stdout
