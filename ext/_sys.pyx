@@ -683,3 +683,26 @@ def ptmx_walk(path, wanted):
     finally:
         free(w.kept)
         free(targets)
+
+
+# ---------------------------------------------------------------- control flow
+
+def resumable_exit(self, exc_type, exc, tb):
+    """``__exit__`` of idpin's context managers: ``self._exit(...)``, finished if interrupted.
+
+    A C-level function, so no Python signal handler can run between the
+    with statement and the call of ``self._exit`` (a Python ``__exit__`` can
+    be interrupted at its very first instruction, before it releases
+    anything). ``_exit`` is resumable: if an exception (a handler's) lands
+    inside it, a second call finishes what the first began; the first
+    exception then propagates.
+    """
+    try:
+        return self._exit(exc_type, exc, tb)
+    except BaseException as first:
+        try:
+            self._exit(exc_type, exc, tb)
+        except BaseException as second:
+            if second is not first:
+                raise second from first
+        raise

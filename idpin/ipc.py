@@ -135,13 +135,17 @@ def _throwaway(kind):
     code = CODE[kind]
     flags = IPC_CREAT | IPC_EXCL | 0o600
     try:
-        id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
-    except FileExistsError:
-        # Left by a holder killed between create and remove; an existing key
-        # fails before the knob is read, so it is still armed.
-        _reclaim_throwaway(kind)
-        id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
-    _sys.ipc_remove(code, id)
+        try:
+            id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
+        except FileExistsError:
+            # Left by a holder killed between create and remove; an existing
+            # key fails before the knob is read, so it is still armed.
+            _reclaim_throwaway(kind)
+            id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
+        _sys.ipc_remove(code, id)
+    except BaseException:
+        _reclaim_throwaway(kind)  # found by its key, even if the id was lost
+        raise
 
 
 # The limits a throwaway object counts against, per kind:
@@ -268,13 +272,15 @@ def census(kind):
 class _IpcBlock:
     """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned")
 
     def __init__(self, ns):
         self.ns = ns
         self.held = False
         self.before = None
         self.routed = None
+        self.settled = False
+        self.cleaned = False
 
 
 def arm(req, kind):
@@ -308,28 +314,39 @@ def _proc_pid():
 
 
 def disarm(req, kind):
-    block = req.armed.pop(kind)
-    if not block.held:
-        return  # the block's entry failed before it took anything
+    """Leave an IPC block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed[kind]
+    try:
+        if block.held:
+            _settle_and_clean(req, kind, block)
+            block.ns.release()
+            block.held = False
+    finally:
+        if not block.held:
+            del req.armed[kind]
+
+
+def _settle_and_clean(req, kind, block):
     ns = block.ns
     try:
-        if kind not in req.consumed and block.routed is not None:
-            with ns.alloc:  # the census must match the routed creations noted
-                _settle_unrouted(req, kind, ns, block)
+        if not block.settled:
+            # Checked once: an error here is the block's verdict; an
+            # interrupted check leaves the knob to the cleaning below.
+            block.settled = True
+            if kind not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed creations noted
+                    _settle_unrouted(req, kind, ns, block)
     finally:
-        try:
+        if not block.cleaned:
             with ns.alloc:
-                try:
-                    ns.armed.pop(KNOB[kind], None)
-                    if block.routed is not None:
-                        ns.unwatch(kind, block.routed)
-                    outer = enclosing_pending_request(req, kind)
-                    if outer is not None:
-                        _rearm_outer(ns, outer, kind)
-                finally:
-                    _leave_knob_as_blocks_expect(kind, ns)
-        finally:
-            ns.release()
+                ns.armed.pop(KNOB[kind], None)
+                if block.routed is not None:
+                    ns.unwatch(kind, block.routed)
+                outer = enclosing_pending_request(req, kind)
+                if outer is not None:
+                    _rearm_outer(ns, outer, kind)
+                _leave_knob_as_blocks_expect(kind, ns)
+            block.cleaned = True
 
 
 def _leave_knob_as_blocks_expect(kind, ns):
@@ -497,39 +514,46 @@ def create_pinned(kind, value, key, arg, flags):
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
     """
     ns = ipc_lock()
-    with ns.held(), ns.alloc:
-        holder = _holder(kind, value)
-        if holder != -1:
-            raise _busy_error(kind, value, holder)
-        got = None
-        try:
-            got = _sys.ipc_create_pinned(
-                ns.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
-            )
-        except FileExistsError:
-            restore_knob(kind, ns)
-            if flags & IPC_EXCL:
-                raise
-            return None
-        except OSError as err:
-            restore_knob(kind, ns)
-            if err.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise _full_error(kind, err) from None
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
+            holder = _holder(kind, value)
+            if holder != -1:
+                raise _busy_error(kind, value, holder)
+            checked = True  # from here, an object at ``value`` is this call's
+            got = _create_pinned_checked(ns, kind, value, key, arg, flags)
+        return got
+    except BaseException:
+        if checked:
+            # However far it got (a signal handler may have raised once the
+            # object existed, even after the lock was released): no object.
+            _undo_created(kind, value, None)
+        raise
+
+
+def _create_pinned_checked(ns, kind, value, key, arg, flags):
+    try:
+        got = _sys.ipc_create_pinned(
+            ns.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
+        )
+    except FileExistsError:
+        restore_knob(kind, ns)
+        if flags & IPC_EXCL:
             raise
-        except BaseException:
-            # A signal handler may have raised once the object existed.
-            _undo_created(kind, value, got)
-            restore_knob(kind, ns)
-            raise
-        try:
-            if got != value:
-                restore_knob(kind, ns)
-                raise _wrong_id_error(kind, value, got)
-            ns.armed.pop(KNOB[kind], None)  # consumed
-            ns.note(kind, got)
-        except BaseException:
-            _undo_created(kind, value, value if got == value else None)
-            raise
+        return None
+    except OSError as err:
+        restore_knob(kind, ns)
+        if err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise _full_error(kind, err) from None
+        raise
+    except BaseException:
+        restore_knob(kind, ns)
+        raise
+    if got != value:
+        restore_knob(kind, ns)
+        raise _wrong_id_error(kind, value, got)
+    ns.armed.pop(KNOB[kind], None)  # consumed
+    ns.note(kind, got)
     return got
 
 
@@ -630,29 +654,31 @@ def create_many(specs):
     if not specs:
         return []
     ns = ipc_lock()
-    created = []
-    with ns.held(), ns.alloc:
-        for spec in specs:
-            holder = _holder(spec.kind, spec.id)
-            if holder != -1:
-                raise _busy_error(spec.kind, spec.id, holder)
-        try:
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
             for spec in specs:
-                created.append(_create_one(ns, spec))
+                holder = _holder(spec.kind, spec.id)
+                if holder != -1:
+                    raise _busy_error(spec.kind, spec.id, holder)
+            checked = True  # from here, an object at a spec's id is this batch's
+            created = [_create_one(ns, spec) for spec in specs]
             for kind, id in created:
                 ns.note(kind, id)
-        except BaseException:
+            for kind in {spec.kind for spec in specs}:
+                restore_knob(kind, ns)  # a block of this thread may have armed it
+        return [id for _, id in created]
+    except BaseException:
+        if checked:
             # Every spec's id was free when the lock was taken: an object at
             # one of them now is this batch's, even one a signal handler's
             # exception kept from being recorded.
             for spec in reversed(specs):
                 _undo_created(spec.kind, spec.id, None)
-            for kind in KINDS:
-                restore_knob(kind, ns)
-            raise
-        for kind in {spec.kind for spec in specs}:
-            restore_knob(kind, ns)  # a block of this thread may have armed it
-    return [id for _, id in created]
+            with ns.held(), ns.alloc:
+                for kind in KINDS:
+                    restore_knob(kind, ns)
+        raise
 
 
 def _create_one(ns, spec):

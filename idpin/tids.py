@@ -62,13 +62,15 @@ def _write_tid_knob(ns, tid):
 class _TidBlock:
     """What a tid block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned")
 
     def __init__(self, ns):
         self.ns = ns
         self.held = False
         self.before = None
         self.routed = None
+        self.settled = False
+        self.cleaned = False
 
 
 def arm(req, kind):
@@ -85,16 +87,28 @@ def arm(req, kind):
 
 
 def disarm(req, kind):
-    block = req.armed.pop("tid")
-    if not block.held:
-        return  # the block's entry failed before it took anything
+    """Leave a tid block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed["tid"]
+    try:
+        if block.held:
+            _settle_and_clean(req, block)
+            block.ns.release()
+            block.held = False
+    finally:
+        if not block.held:
+            del req.armed["tid"]
+
+
+def _settle_and_clean(req, block):
     ns = block.ns
     try:
-        if "tid" not in req.consumed and block.routed is not None:
-            with ns.alloc:  # the census must match the routed starts noted
-                _settle_unrouted(req, block.before, block.routed)
+        if not block.settled:
+            block.settled = True
+            if "tid" not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed starts noted
+                    _settle_unrouted(req, block.before, block.routed)
     finally:
-        try:
+        if not block.cleaned:
             with ns.alloc:
                 ns.armed.pop("ns_last_pid", None)
                 if block.routed is not None:
@@ -102,12 +116,9 @@ def disarm(req, kind):
                 outer = enclosing_pending_request(req, "tid")
                 if outer is not None:
                     # What the inner block made is not the outer block's to judge.
-                    outer_block = outer.armed["tid"]
-                    outer_block.before = _tasks()
+                    outer.armed["tid"].before = _tasks()
                     _arm_knob(ns, outer.ids["tid"])
-        finally:
-            if block.held:
-                ns.release()
+            block.cleaned = True
 
 
 def _settle_unrouted(req, before, routed):
@@ -142,7 +153,7 @@ def start_thread(thread):
             _pinned.start = None
             # Consumed (or lost): nothing of this block stays armed.
             ns.armed.pop("ns_last_pid", None)
-    consume(req, "tid", tid)
+    req.consumed["tid"] = tid
 
 
 def start_new_thread(function, args, kwargs=None):
