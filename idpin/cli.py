@@ -109,32 +109,39 @@ def _remember_parsers(p: argparse.ArgumentParser) -> None:
     # The deepest parser reached sets args._parser (a subparser's defaults
     # override its parent's): main prints its help when its subcommand is missing.
     p.set_defaults(_parser=p)
+    action = _subparsers(p)
+    if action is None:
+        return
+    if p.epilog is None:
+        p.epilog = "'%s %s --help' shows the options of each." % (p.prog, action.metavar or "CMD")
+    for child in action.choices.values():
+        _remember_parsers(child)
+
+
+def _subparsers(p: argparse.ArgumentParser) -> "argparse._SubParsersAction[argparse.ArgumentParser] | None":
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
-            if p.epilog is None:
-                p.epilog = "'%s %s --help' shows the options of each." % (p.prog, action.metavar or "CMD")
-            for child in action.choices.values():
-                _remember_parsers(child)
+            return action
+    return None
 
 
 def subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """``p``'s subcommand parsers by name (empty when it has none)."""
-    for action in p._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+    action = _subparsers(p)
+    return dict(action.choices) if action is not None else {}
 
 
 def _subcommand_missing(args: argparse.Namespace) -> bool:
-    p = args._parser
-    for action in p._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return getattr(args, action.dest, None) is None
-    return False
+    action = _subparsers(args._parser)
+    return action is not None and getattr(args, action.dest, None) is None
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run ``idpin <argv>`` (default: sys.argv[1:]); the exit status."""
+    """Run ``idpin <argv>`` (default: sys.argv[1:]); the exit status.
+
+    The command's function gets the parsed arguments, with ``args.argv`` the
+    command line after ``idpin``, and writes its report to ``out``.
+    """
     out = out or sys.stdout
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
