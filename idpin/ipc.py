@@ -26,13 +26,12 @@ offers no way to prevent it.
 """
 import collections
 import errno
+import json
 import operator
 import os
-import signal
 
-from . import _sys, knobs
+from . import _sys, knobs, pids, tids
 from .errors import IdBusyError, RequestError, UnsupportedError
-from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
@@ -90,23 +89,42 @@ def _clean_up_after_dead_holders(lock):
     lock): both are undone before anything else.
     """
     ns = ipc_lock()
+    put_back_recorded_limits()
     for kind in KINDS:
         _reclaim_throwaway(kind)
         if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
             consume_knob(kind, ns)
 
 
-# The key of idpin's own throwaway objects, so that one left by a holder
-# killed between creating and removing it can be found and removed.
+# idpin's own throwaway objects carry this key and mode, so that one left by
+# a holder killed between creating and removing it can be told from anyone
+# else's object and removed.
 THROWAWAY_KEY = 0x49445049  # "IDPI"
+THROWAWAY_MODE = 0o000
 
 
 def _reclaim_throwaway(kind):
+    """Remove a throwaway object a killed holder left; whether the key is free now."""
     try:
         id = _sys.ipc_get(CODE[kind], THROWAWAY_KEY, 0, 0)
     except FileNotFoundError:
-        return
-    _sys.ipc_remove(CODE[kind], id)
+        return True
+    if _mode_of(kind, id) != THROWAWAY_MODE:
+        return False  # someone else's object with that key: not idpin's to remove
+    try:
+        _sys.ipc_remove(CODE[kind], id)
+    except OSError:
+        pass
+    return True
+
+
+def _mode_of(kind, id):
+    with open("/proc/sysvipc/" + kind) as f:
+        for line in f.readlines()[1:]:
+            row = line.split()
+            if int(row[1]) == id:
+                return int(row[2], 8) & 0o777
+    return None
 
 
 def consume_knob(kind, ns):
@@ -114,9 +132,9 @@ def consume_knob(kind, ns):
 
     A creation refused before it reads the knob (a full namespace, a limit
     lowered below the objects in use) would leave the knob armed for a later,
-    unrelated creation: then a helper process raises the limits just enough
-    for the throwaway and puts them back. It is a separate process so that a
-    SIGKILL of this one cannot leave the limits raised.
+    unrelated creation: then the limits are raised just enough for the
+    throwaway and put back, with a record that lets the next holder put them
+    back if this one is killed meanwhile.
     """
     try:
         _throwaway(kind)
@@ -131,20 +149,27 @@ def consume_knob(kind, ns):
         )
 
 
+def _throwaway_key(kind):
+    """The key for a throwaway: idpin's own, unless another program holds it."""
+    return THROWAWAY_KEY if _reclaim_throwaway(kind) else IPC_PRIVATE
+
+
 def _throwaway(kind):
     code = CODE[kind]
-    flags = IPC_CREAT | IPC_EXCL | 0o600
+    flags = IPC_CREAT | IPC_EXCL | THROWAWAY_MODE
+    key = THROWAWAY_KEY
     try:
         try:
-            id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
+            id = _sys.ipc_get(code, key, 1, flags)
         except FileExistsError:
-            # Left by a holder killed between create and remove; an existing
-            # key fails before the knob is read, so it is still armed.
-            _reclaim_throwaway(kind)
-            id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
+            # Left by a holder killed between create and remove (or another
+            # program's): an existing key fails before the knob is read.
+            key = _throwaway_key(kind)
+            id = _sys.ipc_get(code, key, 1, flags)
         _sys.ipc_remove(code, id)
     except BaseException:
-        _reclaim_throwaway(kind)  # found by its key, even if the id was lost
+        if key == THROWAWAY_KEY:
+            _reclaim_throwaway(kind)  # found by its key, even if the id was lost
         raise
 
 
@@ -172,62 +197,66 @@ def _usage(kind):
     return usage
 
 
+# A POSIX message queue (it belongs to the IPC namespace and has limits of
+# its own) holding the SysV limits idpin is about to raise, written before
+# they are raised and removed once they are back: a holder killed between
+# the two leaves it for the next one, which puts the limits back.
+LIMITS_RECORD = "/idpin.ipc-limits"
+
+
 def _throwaway_with_room(kind):
-    """The throwaway, from a helper process that makes room for it and puts the limits back."""
-    needs = _usage(kind)
-    child = ORIGINALS["os.fork"]()
-    if child == 0:
-        status = 1
-        try:
-            # Nothing may stop it half-way: the limits must be put back.
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            _throwaway_in_helper(kind, needs)
-            status = 0
-        except PermissionError:
-            status = 2
-        finally:
-            os._exit(status)
-    _, wait_status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code != 0:
-        raise UnsupportedError(
-            "%s stays armed: the IPC namespace has no room for another %s (its limits "
-            "%s are below what is in use) and %s; raise the limits or remove a %s "
-            "object, then take idpin's lock again (any idpin request) to consume it"
-            % (KNOB[kind], kind, ", ".join(sorted({n for n, _, _ in _LIMITS[kind]})),
-               "raising them was refused" if code == 2 else "making room failed", kind),
-            kind=kind,
-        )
-
-
-def _throwaway_in_helper(kind, usage):
-    saved = []
+    """The throwaway, with the limits raised just enough for it and put back."""
+    usage = _usage(kind)
+    texts = {}
+    for name, _, _ in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        if path not in texts:
+            with open(path) as f:
+                texts[path] = f.read().strip()
+    raised = dict(texts)
+    for name, field, need in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        values = raised[path].split()
+        values[field] = str(max(int(values[field]), usage[need] + 1))
+        raised[path] = " ".join(values)
+    changed = {path: texts[path] for path in texts if raised[path].split() != texts[path].split()}
+    put_back_recorded_limits()
+    _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
     try:
-        for name, field, need in _LIMITS[kind]:
-            saved.append((name, _raise_limit(name, field, usage[need] + 1)))
-        _throwaway(kind)
+        try:
+            for path in changed:
+                _write_text(path, raised[path])
+            _throwaway(kind)
+        finally:
+            for path, text in changed.items():
+                _write_text(path, text)
+    except PermissionError:
+        raise UnsupportedError(
+            "%s stays armed: the IPC namespace has no room for another %s (kernel.%s are at "
+            "or below what is in use) and raising them was refused; raise them or remove a "
+            "%s object, then take idpin's lock again (any idpin request) to consume it"
+            % (KNOB[kind], kind, ", kernel.".join(sorted({n for n, _, _ in _LIMITS[kind]})),
+               kind),
+            kind=kind,
+        ) from None
     finally:
-        for name, text in reversed(saved):
-            if text is not None:
-                _write_text("/proc/sys/kernel/" + name, text)
-
-
-def _raise_limit(name, field, at_least):
-    """Raise field ``field`` of a sysctl to ``at_least``; its old text, or None if unchanged."""
-    path = "/proc/sys/kernel/" + name
-    with open(path) as f:
-        text = f.read()
-    values = text.split()
-    if int(values[field]) >= at_least:
-        return None
-    values[field] = str(at_least)
-    _write_text(path, " ".join(values))
-    return text
+        _sys.record_remove(LIMITS_RECORD)
 
 
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
+
+
+def put_back_recorded_limits():
+    """Limits a holder killed while they were raised left in the record: put them back."""
+    data = _sys.record_read(LIMITS_RECORD)
+    if data is None:
+        return
+    if data:
+        for path, text in json.loads(data).items():
+            _write_text(path, text)
+    _sys.record_remove(LIMITS_RECORD)
 
 
 def _holder(kind, id):
@@ -272,7 +301,7 @@ def census(kind):
 class _IpcBlock:
     """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts")
 
     def __init__(self, ns):
         self.ns = ns
@@ -281,6 +310,11 @@ class _IpcBlock:
         self.routed = None
         self.settled = False
         self.cleaned = False
+        # Whether this thread was the process's only one, and how many
+        # threads threading had started: an unrouted creation can be this
+        # thread's only if no other thread could have made it.
+        self.alone = pids.thread_count() == 1
+        self.starts = tids.thread_starts()
 
 
 def arm(req, kind):
@@ -388,11 +422,18 @@ def _settle_unrouted(req, kind, ns, block):
     appeared = set(objects) - set(block.before) - block.routed.made
     if appeared == {value}:
         creator = objects[value]
-        if kind != "shm" or creator == _proc_pid():
-            consume(req, kind, value)
-            return
-        raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
-                          % (value, creator))
+        if kind == "shm" and creator != _proc_pid():
+            raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
+                              % (value, creator))
+        if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts):
+            raise IdBusyError(
+                kind, value,
+                "%s %d appeared during the block, but this process had other threads, and "
+                "any of them could have made it: idpin cannot prove it was this thread's; "
+                "create with idpin.ipc.%sget for an exact answer" % (kind, value, kind),
+            )
+        consume(req, kind, value)
+        return
     if value not in appeared:
         detail = ("a creation consumed %s, but no object created during the block has the id: "
                   "a process outside idpin's lock took the knob, or the index was taken "

@@ -160,20 +160,24 @@ class NamespaceLock:
         # Subscript and del, not list.pop(): a signal handler can raise after
         # a C call returns, which would lose the fd it returned.
         if self._idle:
-            local.fd = self._idle[-1]
+            fd = self._idle[-1]
             del self._idle[-1]
         else:
-            local.fd = self._open()
+            fd = self._open()
         hold = (self, threading.get_ident())
         try:
-            wait_for_flock(local.fd, self, timeout)
+            wait_for_flock(fd, self, timeout)
             _held.add(hold)
-            local.depth = 1  # the last step: from here on release() undoes it all
+            # Published only once held, in two stores no handler can split:
+            # a signal handler that takes this lock while this thread waits
+            # uses a description of its own and leaves these as it found them.
+            local.fd = fd
+            local.depth = 1
         except BaseException:
-            if not getattr(local, "depth", 0):
+            if getattr(local, "fd", -1) != fd:
                 # The flock may have been granted just before the exception.
                 _held.discard(hold)
-                self._put_back(local)
+                self._return_fd(fd)
             raise
 
     def _put_back(self, local):
@@ -182,6 +186,13 @@ class NamespaceLock:
         fd = local.fd
         _unlock_call(fd, fcntl.LOCK_UN)
         local.fd = -1
+        self._pool(fd)
+
+    def _return_fd(self, fd):
+        _unlock_call(fd, fcntl.LOCK_UN)
+        self._pool(fd)
+
+    def _pool(self, fd):
         if self._keep_open:
             self._idle.append(fd)
         else:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import knobs, pids
+from . import _sys, knobs, pids
 from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind
@@ -34,6 +34,13 @@ START_RETRY_SECONDS = 0.5
 CARRIER_TIMEOUT = 10.0
 
 _pinned = threading.local()
+# OS threads threading has started in this process (a block checking an
+# unrouted creation asks whether another thread could have made it).
+_starts = 0
+
+
+def thread_starts():
+    return _starts
 
 
 def validate_tid(value):
@@ -62,7 +69,7 @@ def _write_tid_knob(ns, tid):
 class _TidBlock:
     """What a tid block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "cursor")
 
     def __init__(self, ns):
         self.ns = ns
@@ -71,6 +78,7 @@ class _TidBlock:
         self.routed = None
         self.settled = False
         self.cleaned = False
+        self.cursor = None
 
 
 def arm(req, kind):
@@ -83,6 +91,9 @@ def arm(req, kind):
     with ns.alloc:  # no thread start between the census and the arming
         block.before = _tasks()
         block.routed = ns.watch("tid")
+        # The cursor as the namespace had it: put back if the block ends
+        # with the tid unused, so no later allocation takes it unasked.
+        block.cursor = _sys.knob_read(ns.knob("ns_last_pid"))
         _arm_knob(ns, req.ids["tid"])
 
 
@@ -118,7 +129,16 @@ def _settle_and_clean(req, block):
                     # What the inner block made is not the outer block's to judge.
                     outer.armed["tid"].before = _tasks()
                     _arm_knob(ns, outer.ids["tid"])
+                elif block.cursor is not None:
+                    _put_back_cursor(ns, req.ids["tid"] - 1, block.cursor)
             block.cleaned = True
+
+
+def _put_back_cursor(ns, armed, cursor):
+    """An unused tid stays armed in the shared cursor: give the namespace its cursor back."""
+    fd = ns.knob("ns_last_pid")
+    if _sys.knob_read(fd) == armed:
+        knobs.write_knob(fd, "ns_last_pid", cursor)
 
 
 def _settle_unrouted(req, before, routed):
@@ -158,6 +178,8 @@ def start_thread(thread):
 
 def start_new_thread(function, args, kwargs=None):
     """threading's _start_new_thread: a pinned start goes through a carrier."""
+    global _starts
+    _starts += 1
     pinned = getattr(_pinned, "start", None)
     if pinned is None:
         if kwargs is None:
