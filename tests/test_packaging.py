@@ -39,3 +39,16 @@ def test_mypy_finds_no_error_in_the_package_and_the_typed_usage():
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("Success: no issues found"), done.stdout
+
+
+@pytest.mark.parametrize("name", ["idpin.ipc", "idpin.pty"])
+def test_ipc_and_pty_list_their_public_names_only(name):
+    import importlib
+
+    module = importlib.import_module(name)
+    assert [attr for attr in module.__all__ if not hasattr(module, attr)] == []
+    assert dir(module) == sorted(module.__all__)
+    assert not {"os", "errno", "collections", "contextlib", "_sys"} & set(dir(module))
+    namespace: dict = {}
+    exec("from %s import *" % name, namespace)
+    assert sorted(set(namespace) - {"__builtins__"}) == sorted(module.__all__)

@@ -34,3 +34,20 @@ def _testing_types() -> None:
 def _routing_types() -> None:
     assert_type(idpin.installed(), bool)
     assert_type(idpin.uninstall(), None)
+
+
+def _request_and_fork_types() -> None:
+    with idpin.request(pid=5, sem=None) as req:
+        assert_type(req, idpin.Request)
+        assert_type(idpin.fork(), int)
+    assert_type(req.consumed, dict[str, int | tuple[int, ...]])
+    idpin.request(pid="5")  # type: ignore[arg-type]
+
+
+def _ipc_and_pty_types() -> None:
+    assert_type(idpin.ipc.semget(idpin.ipc.IPC_PRIVATE, 1, 0o600), int)
+    assert_type(idpin.ipc.create_many([idpin.ipc.Spec("sem", 32769)]), list[int])
+    assert_type(idpin.pty.openpty(), tuple[int, int])
+    assert_type(idpin.pty.fork(), tuple[int, int])
+    assert_type(idpin.pty.open_many([1, 2]), dict[int, tuple[int, int]])
+    idpin.ipc.remove("sem", "5")  # type: ignore[arg-type]
