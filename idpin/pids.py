@@ -22,7 +22,7 @@ import signal
 import time
 
 from . import _sys, knobs
-from .errors import NEEDS_NAMESPACE_HINT, IdBusyError, RequestError, UnsupportedError
+from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
 from .request import Kind, pending, register_kind, validate_int
 
@@ -107,7 +107,7 @@ def set_tid_of(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-def thread_count():
+def thread_count() -> int:
     """Threads of this process, as the kernel sees them (C threads included)."""
     try:
         # procfs counts a task directory's links as 2 + its threads.
@@ -118,7 +118,7 @@ def thread_count():
         return threading.active_count()
 
 
-def fork(pid=None, mechanism=None):
+def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     """Fork; the child gets ``pid`` (or this thread's pending pid request).
 
     Returns 0 in the child and the child's pid in the parent, like os.fork.
@@ -168,7 +168,7 @@ def without_armed_tid(allocate, on_steered=None):
         return allocate()
 
 
-def children_in_new_pid_namespace():
+def children_in_new_pid_namespace() -> bool:
     """unshare(CLONE_NEWPID) was called: children go to a namespace this process is not in."""
     try:
         active = os.stat("/proc/self/ns/pid").st_ino

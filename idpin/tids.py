@@ -156,7 +156,7 @@ def _settle_unrouted(req, before, routed):
         )
 
 
-def start_thread(thread):
+def start_thread(thread: threading.Thread) -> None:
     """threading.Thread.start, honouring this thread's pending tid request."""
     found = pending("tid")
     if found is None:

@@ -15,5 +15,5 @@ ORIGINALS = {
     "pty.openpty": pty.openpty,
     "threading.Thread.start": threading.Thread.start,
     # What Thread.start calls to make the OS thread (CPython 3.11 and 3.12).
-    "threading._start_new_thread": threading._start_new_thread,
+    "threading._start_new_thread": threading._start_new_thread,  # type: ignore[attr-defined]  # private
 }
