@@ -37,6 +37,7 @@ INTERFACE = (
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    "sigaction",
 )
 
 BACKENDS = ("cython", "ctypes")

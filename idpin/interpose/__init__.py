@@ -5,6 +5,7 @@ patched: idpin's own mechanisms call these, never the routed versions.
 """
 import os
 import pty
+import subprocess
 import threading
 
 ORIGINALS = {
@@ -14,4 +15,8 @@ ORIGINALS = {
     "pty.fork": pty.fork,
     "pty.openpty": pty.openpty,
     "threading.Thread.start": threading.Thread.start,
+    "subprocess._fork_exec": subprocess._fork_exec,
+    "os.posix_spawn": os.posix_spawn,
+    "os.posix_spawnp": os.posix_spawnp,
+    "os.system": os.system,
 }
