@@ -402,7 +402,8 @@ class PopenChild:
                 os.setsid()
             if self.pgid >= 0:
                 os.setpgid(0, self.pgid)
-            if self.groups:
+            if self.groups is not None:
+                # An empty list clears the groups (CVE-2023-6507: 3.12.0 skipped it).
                 os.setgroups(self.groups)
             if self.gid != -1:
                 os.setregid(self.gid, self.gid)
