@@ -15,11 +15,12 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
 import idpin
-from idpin import _sys
+from idpin import _sys, pids
 from idpin.interpose import ORIGINALS, spawn
 from idpin.testing import Forker
 
@@ -197,7 +198,7 @@ def test_each_entry_point_gives_the_program_the_pid(uid, entry):
 @entries
 def test_each_entry_point_from_a_multithreaded_caller(entry):
     with another_thread():
-        assert _sys.BACKEND  # the knob path: glibc's fork, verified
+        assert pids.thread_count() > 1  # so the knob path: glibc's fork, verified
         with idpin.request(pid=5432) as req:
             printed = ENTRIES[entry]()
     assert printed == 5432
@@ -500,6 +501,50 @@ def _system_probe_with(system_call):
         lines = read().splitlines()
     shell = lines.pop()
     return status, "\n".join(lines), int(shell)
+
+
+# ------------------------------------------------------------------ faults
+
+
+class Raised(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def raising_on(sig):
+    def handler(signum, frame):
+        raise Raised()
+
+    previous = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
+def _signal_parent_then_hang():
+    os.kill(os.getppid(), signal.SIGUSR1)
+    time.sleep(30)  # killed by the parent long before
+
+
+def test_a_raising_handler_while_waiting_for_the_exec_undoes_the_child():
+    with raising_on(signal.SIGUSR1), idpin.request(pid=9000) as req:
+        with pytest.raises(Raised):
+            subprocess.run(["true"], preexec_fn=_signal_parent_then_hang)
+        assert req.consumed == {}
+        assert processes_besides() == []
+        assert via_run() == 9000
+
+
+def test_a_raising_handler_during_system_is_raised_once_the_shell_is_reaped():
+    before = _sys.sigaction(signal.SIGINT, None)[0]
+    with raising_on(signal.SIGUSR1), idpin.request(pid=9100) as req:
+        with pytest.raises(Raised):
+            os.system("kill -USR1 $PPID; exit 4")
+    assert req.consumed == {"pid": 9100}
+    assert processes_besides() == []
+    assert _sys.sigaction(signal.SIGINT, None)[0] == before
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
 
 
 # ------------------------------------------------------------------ noise

@@ -155,6 +155,7 @@ def create_pinned(found, child):
     """
     req, value = found
     ready_read, ready_write = _exec_report_pipe()
+    pid = 0
     try:
         with _all_signals_blocked() as mask:
             pid = pids.pinned_fork(value)
@@ -162,11 +163,13 @@ def create_pinned(found, child):
                 _in_child(child, mask, ready_read, ready_write)
             os.close(ready_write)
             ready_write = -1
-        try:
-            error = _read_exec_report(ready_read)
-        except BaseException:
+        # Held signals are handled here, when the mask is restored, or
+        # while waiting: either way the child is undone before they propagate.
+        error = _read_exec_report(ready_read)
+    except BaseException:
+        if pid > 0:
             _kill_and_reap(pid)
-            raise
+        raise
     finally:
         for fd in (ready_read, ready_write):
             if fd >= 0:
