@@ -272,6 +272,15 @@ def test_no_pid_request_means_the_stdlibs_own_calls():
 # ------------------------------------------------------------------ failures
 
 
+def spawnp_with_path(path, program):
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = path
+    try:
+        return os.posix_spawnp(program, [program], {})
+    finally:
+        os.environ["PATH"] = saved
+
+
 FAILING_CALLS = {
     "run_missing": lambda: subprocess.run(["/nonexistent/program"]),
     "run_missing_on_path": lambda: subprocess.run(["no-such-program-here"]),
@@ -283,6 +292,8 @@ FAILING_CALLS = {
     "popen_posix_spawn_missing": lambda: subprocess.Popen(["/nonexistent/p"], close_fds=False),
     "posix_spawn_missing": lambda: os.posix_spawn("/nonexistent/p", ["p"], {}),
     "posix_spawnp_missing": lambda: os.posix_spawnp("no-such-program-here", ["p"], {}),
+    # On the caller's PATH, a non-executable match (EACCES) wins over later misses.
+    "posix_spawnp_not_executable": lambda: spawnp_with_path("/proc/self:/nonexistent", "status"),
     "posix_spawn_open_fails": lambda: os.posix_spawn("/bin/true", ["true"], {}, file_actions=[
         (os.POSIX_SPAWN_OPEN, 5, "/nonexistent/file", os.O_RDONLY, 0)]),
 }
@@ -568,3 +579,37 @@ def test_no_wrong_pid_with_a_process_forking_beside(threads):
                 busy.append(pid)
     assert all(printed == pid and consumed == {"pid": pid} for pid, printed, consumed in got)
     assert len(got) + len(busy) == len(wanted) and got
+
+
+# ------------------------------------------------------------------ _sys.sigaction
+
+
+def test_sigaction_sets_reads_and_restores_from_any_thread():
+    handler, saved = _sys.sigaction(signal.SIGUSR2, signal.SIG_IGN)
+    assert handler == signal.SIG_DFL
+    assert _sys.sigaction(signal.SIGUSR2, None)[0] == signal.SIG_IGN
+    thread = threading.Thread(target=_sys.sigaction, args=(signal.SIGUSR2, saved))
+    thread.start()
+    thread.join()
+    assert _sys.sigaction(signal.SIGUSR2, None)[0] == signal.SIG_DFL
+    # Python's own table is left alone; its C handler survives a round trip.
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    python_handler, saved_int = _sys.sigaction(signal.SIGINT, signal.SIG_IGN)
+    assert python_handler not in (signal.SIG_DFL, signal.SIG_IGN)
+    _sys.sigaction(signal.SIGINT, saved_int)
+    assert _sys.sigaction(signal.SIGINT, None)[0] == python_handler
+    with pytest.raises(OSError) as info:
+        _sys.sigaction(signal.SIGKILL, signal.SIG_IGN)
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(ValueError, match="saved sigaction"):
+        _sys.sigaction(signal.SIGUSR2, b"short")
+
+
+def test_sigaction_does_not_leak():
+    from test_sys_leaks import run_many
+
+    def round_trip():
+        _, saved = _sys.sigaction(signal.SIGUSR2, signal.SIG_IGN)
+        _sys.sigaction(signal.SIGUSR2, saved)
+
+    run_many(round_trip)

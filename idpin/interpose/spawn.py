@@ -51,14 +51,26 @@ until the child's pid is in hand (as glibc's posix_spawn blocks them around
 its clone), so a raising handler cannot strand a child; an exception while
 waiting for the exec kills and reaps the child before it propagates.
 
-Differences from the originals that the program cannot see: the child is a
-full fork through CPython's fork protocol, so ``os.register_at_fork`` hooks
-run (as they do for a preexec_fn); the garbage collector is off in the
-child so no finalizer of the parent's objects runs there. An environment
-entry that is not ``name=value`` with a non-empty name (the stdlib passes
-it through) is refused with ValueError. Unpinned calls are the stdlib's
-own, unsteered: inside another thread's tid block, a subprocess that asked
-for nothing can take the armed tid (as a fork from C code can).
+Differences from the originals:
+
+- The child is a full fork through CPython's fork protocol, so
+  ``os.register_at_fork`` hooks run (as they do for a preexec_fn); the
+  garbage collector is off in the child, so no finalizer of the parent's
+  objects runs there.
+- glibc's posix_spawn child leaves glibc's two internal signals (32, 33)
+  ignored in the program; a pinned child leaves them as the caller had
+  them (glibc programs install their own handlers for both at startup).
+- An environment entry that is not ``name=value`` with a non-empty name
+  (the stdlib passes it through to execve) is refused with ValueError:
+  os.execve, which the child uses, takes a mapping.
+- SIGINT/SIGQUIT are saved and put back by a count of pinned system()
+  callers; glibc keeps its own count for the stock system(). A stock
+  os.system in another thread overlapping a pinned one can therefore see
+  the other's SIG_IGN as the disposition to restore (glibc's count has the
+  same hazard against any code that changes these signals meanwhile).
+- Unpinned calls are the stdlib's own, unsteered: inside another thread's
+  tid block, a subprocess that asked for nothing can take the armed tid (as
+  a fork from C code can).
 """
 import collections.abc
 import contextlib
