@@ -35,7 +35,7 @@ stdlib's child would have done, and execs:
   path as filename, as posix_spawn does.
 - system: glibc's system(): SIGINT and SIGQUIT ignored (process-wide,
   counted across concurrent callers) and SIGCHLD blocked in the calling
-  thread while it waits; ``sh -c command`` with SIGINT/SIGQUIT back to
+  thread while it waits, Python's signal handlers run once it returns; ``sh -c command`` with SIGINT/SIGQUIT back to
   default and the caller's signal mask; the wait status is returned, 127 <<
   8 when the shell could not be run.
 
@@ -263,15 +263,12 @@ def _unblock(mask):
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _reset_caught_signals(keep_blocked=()):
+def _reset_caught_signals():
     """Handlers of the parent must not run in the child: caught signals back to SIG_DFL.
 
-    Ignored and default dispositions survive exec anyway; a signal that
-    stays blocked across exec is reset by the kernel.
+    (Ignored and default dispositions survive exec as they are.)
     """
     for sig in _SIGNALS:
-        if sig in keep_blocked:
-            continue
         try:
             handler, _ = _sys.sigaction(sig, None)
         except OSError:
@@ -729,8 +726,14 @@ _interrupts_ignored = _InterruptsIgnored()
 def _system_pinned(found, command):
     line = _fsencode_arg(command)
     sys.audit("os.system", command)
+    # system() runs with the GIL released: Python's handlers run once it
+    # has returned. Holding the signals they catch in this thread does the
+    # same (a process-directed one is left pending or taken by another
+    # thread, which only trips Python's flag); the rest act at once, as
+    # they would during system().
+    held = {sig for sig in _SIGNALS if callable(signal.getsignal(sig))}
     with _interrupts_ignored.held() as saved:
-        caller_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        caller_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held | {signal.SIGCHLD})
         try:
             child = SpawnChild("system", (SHELL, [b"sh", b"-c", line], dict(os.environb)), {
                 "setsigmask": caller_mask,
@@ -741,29 +744,13 @@ def _system_pinned(found, command):
             if created.error is not None:
                 os.waitpid(created.pid, 0)
                 return SPAWN_FAILED_EXIT << 8
-            return _wait_through_handlers(created.pid)
+            return _wait_status(created.pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, caller_mask)
 
 
-def _wait_through_handlers(pid):
-    """The child's wait status; a raising signal handler's exception comes after it.
-
-    system() runs with the GIL released: Python handlers run once it has
-    returned. Here they run during the wait, so their exception is held
-    until the shell is reaped.
-    """
-    raised = None
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            status = -1
-            break
-        except BaseException as err:  # noqa: B902 - re-raised once the child is reaped
-            if raised is None:
-                raised = err
-    if raised is not None:
-        raise raised
-    return status
+def _wait_status(pid):
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return -1  # reaped by someone else (a SIGCHLD handler of C code), as glibc reports
