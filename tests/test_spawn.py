@@ -108,7 +108,8 @@ def via_system():
 
 def via_spawnv():
     with child_output() as (out, read):
-        pid = os.spawnv(os.P_NOWAIT, "/bin/sh", ["sh", "-c", "%s >/proc/$$/fd/%d" % (PRINT_PID, out)])
+        command = "%s >/proc/$$/fd/%d" % (PRINT_PID, out)
+        pid = os.spawnv(os.P_NOWAIT, "/bin/sh", ["sh", "-c", command])
         printed = int(read())
     assert reap(pid) == 0 and pid == printed
     return printed
@@ -230,8 +231,15 @@ def test_nested_pid_namespace_levels_via_subprocess():
     assert req.consumed == {"pid": (1, 2345)}
 
 
+def signal_settings():
+    """This thread's mask and the SIGINT/SIGQUIT dispositions (system() changes them)."""
+    return (signal.pthread_sigmask(signal.SIG_BLOCK, []),
+            _sys.sigaction(signal.SIGINT, None)[0], _sys.sigaction(signal.SIGQUIT, None)[0])
+
+
 @entries
 def test_busy_pid_raises_and_leaves_nothing(entry):
+    before = signal_settings()
     with sleeper() as taken:
         with idpin.request(pid=taken) as req:
             with pytest.raises(idpin.IdBusyError) as info:
@@ -239,6 +247,7 @@ def test_busy_pid_raises_and_leaves_nothing(entry):
         assert (info.value.errno, info.value.kind, info.value.id) == (errno.EBUSY, "pid", taken)
         assert req.consumed == {}
         assert processes_besides(taken) == []  # no child, no zombie
+    assert signal_settings() == before
 
 
 @pytest.mark.parametrize("entry", ["run", "posix_spawn", "system"])

@@ -35,9 +35,10 @@ stdlib's child would have done, and execs:
   path as filename, as posix_spawn does.
 - system: glibc's system(): SIGINT and SIGQUIT ignored (process-wide,
   counted across concurrent callers) and SIGCHLD blocked in the calling
-  thread while it waits, Python's signal handlers run once it returns; ``sh -c command`` with SIGINT/SIGQUIT back to
-  default and the caller's signal mask; the wait status is returned, 127 <<
-  8 when the shell could not be run.
+  thread while it waits, Python's signal handlers run once it returns;
+  ``sh -c command`` with SIGINT/SIGQUIT back to default and the caller's
+  signal mask; the wait status is returned, 127 << 8 when the shell could
+  not be run.
 
 Every argument is checked in the parent before the fork, raising the
 stdlib's exception types, so a bad call leaves the request pending and
@@ -492,14 +493,15 @@ def _spawn_or_raise(found, child):
 
 
 class SpawnChild:
-    """The arguments of os.posix_spawn(p), checked as posixmodule checks them, and glibc's child steps."""
+    """os.posix_spawn(p)'s arguments, checked as posixmodule checks them; glibc's child steps."""
 
     exit_status = SPAWN_FAILED_EXIT
     report_fd = -1
 
     def __init__(self, name, args, kwargs, search):
         if len(args) != 3:
-            raise TypeError("%s() takes exactly 3 positional arguments (%d given)" % (name, len(args)))
+            raise TypeError(
+                "%s() takes exactly 3 positional arguments (%d given)" % (name, len(args)))
         for key in kwargs:
             if key not in _SPAWN_KEYWORDS:
                 raise TypeError("%r is an invalid keyword argument for %s()" % (key, name))
