@@ -675,6 +675,8 @@ def sigaction(int signum, action):
         memcpy(&new_action, <const char *>saved_new, sizeof(sigaction_t))
         new_ptr = &new_action
     elif action is not None:
+        # The handler union is glibc's first member (declared here as a
+        # function, so it is reached through a cast).
         (<void **>&new_action)[0] = <void *><uintptr_t>int(action)
         sigemptyset(&new_action.sa_mask)
         new_ptr = &new_action

@@ -322,8 +322,8 @@ class PopenChild:
     report_fd = -1
 
     def __init__(self, args):
-        # 22 arguments (3.13+), or 23 with allow_vfork last (3.11, 3.12):
-        # vfork is never used here, so it is ignored.
+        # CPython 3.11 and 3.12 pass 23 arguments, the last allow_vfork
+        # (never used here: ignored); 22 is the same list without it.
         if len(args) not in (22, 23):
             raise UnsupportedError(
                 "this Python's _posixsubprocess.fork_exec takes %d arguments; idpin knows the "
