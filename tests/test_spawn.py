@@ -26,7 +26,8 @@ from idpin.testing import Forker
 
 from helpers import as_root_and_nobody, reap
 
-PRINT_PID = "echo $$"
+# The program prints its pid, and logs it where program_log() says.
+PRINT_PID = 'echo $$; [ -z "$IDPIN_TEST_LOG" ] || echo $$ >>"$IDPIN_TEST_LOG"'
 
 
 # ------------------------------------------------------------------ helpers
@@ -102,13 +103,13 @@ def via_posix_spawnp():
 
 def via_system():
     with child_output() as (out, read):
-        assert os.system("%s >/proc/$$/fd/%d" % (PRINT_PID, out)) == 0
+        assert os.system("{ %s; } >/proc/$$/fd/%d" % (PRINT_PID, out)) == 0
         return int(read())
 
 
 def via_spawnv():
     with child_output() as (out, read):
-        command = "%s >/proc/$$/fd/%d" % (PRINT_PID, out)
+        command = "{ %s; } >/proc/$$/fd/%d" % (PRINT_PID, out)
         pid = os.spawnv(os.P_NOWAIT, "/bin/sh", ["sh", "-c", command])
         printed = int(read())
     assert reap(pid) == 0 and pid == printed
@@ -126,6 +127,19 @@ ENTRIES = {
     "spawnv": via_spawnv,
 }
 entries = pytest.mark.parametrize("entry", sorted(ENTRIES))
+
+
+@contextlib.contextmanager
+def program_log():
+    """read(): the pids of every program run in the block (through PRINT_PID)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "ran")
+        open(path, "w").close()
+        os.environ["IDPIN_TEST_LOG"] = path
+        try:
+            yield lambda: [int(line) for line in open(path).read().split()]
+        finally:
+            del os.environ["IDPIN_TEST_LOG"]
 
 
 @contextlib.contextmanager
@@ -240,10 +254,11 @@ def signal_settings():
 @entries
 def test_busy_pid_raises_and_leaves_nothing(entry):
     before = signal_settings()
-    with sleeper() as taken:
+    with sleeper() as taken, program_log() as programs_run:
         with idpin.request(pid=taken) as req:
             with pytest.raises(idpin.IdBusyError) as info:
                 ENTRIES[entry]()
+        assert programs_run() == []
         assert (info.value.errno, info.value.kind, info.value.id) == (errno.EBUSY, "pid", taken)
         assert req.consumed == {}
         assert processes_besides(taken) == []  # no child, no zombie
@@ -252,11 +267,11 @@ def test_busy_pid_raises_and_leaves_nothing(entry):
 
 @pytest.mark.parametrize("entry", ["run", "posix_spawn", "system"])
 def test_busy_pid_from_a_multithreaded_caller(entry):
-    with another_thread(), sleeper() as taken:
+    with another_thread(), sleeper() as taken, program_log() as programs_run:
         with idpin.request(pid=taken) as req:
             with pytest.raises(idpin.IdBusyError):
                 ENTRIES[entry]()
-        assert req.consumed == {}
+        assert req.consumed == {} and programs_run() == []
         assert processes_besides(taken) == []
 
 
@@ -577,6 +592,7 @@ def test_no_wrong_pid_with_a_process_forking_beside(threads):
     with contextlib.ExitStack() as stack:
         if threads > 1:
             stack.enter_context(another_thread())
+        programs_run = stack.enter_context(program_log())
         stack.enter_context(Forker())
         for i, pid in enumerate(wanted):
             entry = (via_run, via_posix_spawn, via_system)[i % 3]
@@ -586,8 +602,11 @@ def test_no_wrong_pid_with_a_process_forking_beside(threads):
             except idpin.IdBusyError as err:
                 assert err.id == pid
                 busy.append(pid)
+        ran = programs_run()
     assert all(printed == pid and consumed == {"pid": pid} for pid, printed, consumed in got)
     assert len(got) + len(busy) == len(wanted) and got
+    # No program ran under a wrong pid, nor for a request that raised.
+    assert ran == [pid for pid, _, _ in got]
 
 
 # ------------------------------------------------------------------ _sys.sigaction
