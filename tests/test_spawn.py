@@ -234,6 +234,24 @@ def test_entry_point_called_from_a_thread_other_than_main(entry):
     assert results == [(6543, {"pid": 6543})]
 
 
+def test_threads_in_parallel_each_get_their_own_pid():
+    results = {}
+
+    def work(pid, entry):
+        for attempt in range(3):  # a busy id would be a bug here: none is taken
+            with idpin.request(pid=pid + attempt) as req:
+                results[pid + attempt] = (entry(), req.consumed)
+
+    workers = [threading.Thread(target=work, args=(pid, entry))
+               for pid, entry in ((11000, via_run), (12000, via_posix_spawn), (13000, via_system))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert results == {pid: (pid, {"pid": pid})
+                       for base in (11000, 12000, 13000) for pid in range(base, base + 3)}
+
+
 def test_nested_pid_namespace_levels_via_subprocess():
     # A tuple needs clone3 set_tid: the child is born in a pid namespace of
     # its own (pid 1 there), with pid 2345 here.
