@@ -538,7 +538,9 @@ class SpawnChild:
 
     @staticmethod
     def _env(name, env):
-        if not isinstance(env, collections.abc.Mapping) and not hasattr(env, "keys"):
+        # posixmodule asks only for a __getitem__ (PyMapping_Check), then
+        # for keys(): a list gets past the first and fails at the second.
+        if not hasattr(type(env), "__getitem__"):
             raise TypeError("%s: environment must be a mapping object" % name)
         encoded = {}
         for key in env.keys():
@@ -591,8 +593,10 @@ class SpawnChild:
     def _scheduler(name, scheduler):
         if scheduler is None:
             return None
-        if not isinstance(scheduler, tuple) or len(scheduler) != 2:
+        if not isinstance(scheduler, tuple):
             raise TypeError("%s: scheduler must be a tuple or None" % name)
+        if len(scheduler) != 2:
+            raise TypeError("A scheduler tuple must have two elements")
         policy, param = scheduler
         if not isinstance(param, os.sched_param):
             raise TypeError("must have a sched_param object")
