@@ -395,6 +395,25 @@ def test_bad_posix_spawn_arguments_raise_what_the_stdlib_raises(name):
     assert req.consumed == {}
 
 
+BAD_POPEN_ARGUMENTS = {
+    "null_in_program": lambda: subprocess.run(["tr\0ue"]),
+    "null_in_argument": lambda: subprocess.run(["true", "a\0b"]),
+    "null_in_cwd": lambda: subprocess.run(["true"], cwd="/tm\0p"),
+    "negative_pass_fd": lambda: subprocess.run(["true"], pass_fds=[-1]),
+    "bad_argument_type": lambda: subprocess.run(["true", 5]),
+    "bad_group_type": lambda: subprocess.run(["true"], extra_groups=[0.5]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_POPEN_ARGUMENTS))
+def test_bad_popen_arguments_raise_what_the_stdlib_raises(name):
+    stock = outcome(BAD_POPEN_ARGUMENTS[name])
+    assert stock[0] != "returned"
+    with idpin.request(pid=7150) as req:
+        assert outcome(BAD_POPEN_ARGUMENTS[name]) == stock
+    assert req.consumed == {}
+
+
 def test_bad_system_and_popen_arguments_raise_before_anything_happens():
     with idpin.request(pid=7200) as req:
         with pytest.raises(ValueError, match="embedded null byte"):
