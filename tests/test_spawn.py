@@ -236,8 +236,12 @@ def test_entry_point_called_from_a_thread_other_than_main(entry):
 
 def test_threads_in_parallel_each_get_their_own_pid():
     results = {}
+    # Every thread exists before any pid is pinned: a thread started after
+    # a pinned fork would get the next tid, which a later attempt wants.
+    all_started = threading.Barrier(3, timeout=30)
 
     def work(pid, entry):
+        all_started.wait()
         for attempt in range(3):  # a busy id would be a bug here: none is taken
             with idpin.request(pid=pid + attempt) as req:
                 results[pid + attempt] = (entry(), req.consumed)
