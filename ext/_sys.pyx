@@ -812,3 +812,45 @@ def record_remove(name):
         code = errno
     if rc < 0 and code != 2:  # ENOENT
         raise _stdlib_error(code, name)
+
+
+# ---------------------------------------------------------------- signal dispositions
+
+from posix.signal cimport sigaction_t, sigaction as c_sigaction, sigemptyset
+from libc.string cimport memcpy
+
+
+def sigaction(int signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    ``action``: None (only read), an int handler (SIG_DFL 0 or SIG_IGN 1, set
+    with an empty mask and no flags, as glibc's system() sets SIG_IGN) or the
+    ``saved`` bytes of an earlier call (put back exactly). ``handler`` is the
+    previous handler's value (0, 1 or an address). Unlike signal.signal it
+    works in any thread and leaves Python's own handler table alone.
+    """
+    cdef sigaction_t new_action, old_action
+    cdef const sigaction_t *new_ptr = NULL
+    cdef bytes saved_new
+    cdef int rc
+    memset(&new_action, 0, sizeof(sigaction_t))
+    memset(&old_action, 0, sizeof(sigaction_t))
+    if isinstance(action, bytes):
+        saved_new = action
+        if len(saved_new) != sizeof(sigaction_t):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (sizeof(sigaction_t), len(saved_new)))
+        memcpy(&new_action, <const char *>saved_new, sizeof(sigaction_t))
+        new_ptr = &new_action
+    elif action is not None:
+        # The handler union is glibc's first member (declared here as a
+        # function, so it is reached through a cast).
+        (<void **>&new_action)[0] = <void *><uintptr_t>int(action)
+        sigemptyset(&new_action.sa_mask)
+        new_ptr = &new_action
+    with nogil:
+        rc = c_sigaction(signum, new_ptr, &old_action)
+    if rc != 0:
+        raise _oserror("sigaction", errno)
+    return (<uintptr_t>(<void **>&old_action)[0],
+            (<char *>&old_action)[:sizeof(sigaction_t)])

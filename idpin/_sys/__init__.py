@@ -52,6 +52,7 @@ INTERFACE = (
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    "sigaction",
 )
 
 BACKENDS = ("cython", "ctypes")

@@ -416,3 +416,36 @@ def ptmx_walk(path, wanted):
 def _close_all(fds):
     for fd in fds:
         os.close(fd)
+
+
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64 and aarch64 (not the kernel's).
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction)]
+
+
+def sigaction(signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    See the Cython backend's docstring: None reads, an int sets that handler
+    with an empty mask and no flags, saved bytes are put back exactly.
+    """
+    new_ptr = None
+    if isinstance(action, bytes):
+        if len(action) != ctypes.sizeof(_Sigaction):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (ctypes.sizeof(_Sigaction), len(action)))
+        new_ptr = ctypes.pointer(_Sigaction.from_buffer_copy(action))
+    elif action is not None:
+        new_ptr = ctypes.pointer(_Sigaction(handler=int(action)))
+    old = _Sigaction()
+    if _libc.sigaction(signum, new_ptr, ctypes.byref(old)) != 0:
+        raise _oserror("sigaction")
+    return old.handler or 0, bytes(old)
