@@ -1,4 +1,4 @@
-"""The ``idpin`` command line: doctor, demo, bench."""
+"""The ``idpin`` command line: doctor, demo, bench, capture."""
 import argparse
 import sys
 
@@ -30,6 +30,20 @@ def bench(args, out):
     return suite.main(args.rest, out)
 
 
+def capture(args, out):
+    from .errors import IdpinError
+    from .restore import plan
+    from .restore.capture import capture as capture_tree
+
+    try:
+        captured = capture_tree(args.pid, freeze=args.freeze)
+    except IdpinError as err:
+        sys.stderr.write("idpin capture: %s\n" % err)
+        return 1
+    plan.dump(captured, args.output or out)
+    return 0
+
+
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
     p.add_argument("--version", action="version", version="idpin %s" % __version__)
@@ -41,10 +55,16 @@ def parser():
         add_help=False,
     )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    capture_parser = sub.add_parser(
+        "capture", help="write the plan of a live process tree and of this IPC namespace (JSON)")
+    capture_parser.add_argument("pid", type=int, help="the root of the tree")
+    capture_parser.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
+    capture_parser.add_argument("--freeze", action="store_true",
+                                help="stop the tree (SIGSTOP) while it is read, then resume it")
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench}
+COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "capture": capture}
 
 
 def main(argv=None, out=None):
