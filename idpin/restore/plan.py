@@ -90,7 +90,8 @@ def _describe(error):
     if kind in ("minimum", "maximum"):
         return "%s is out of range %s..%s" % (_short(value), sub.get("minimum", "-inf"), sub.get("maximum", "inf"))
     if kind in ("maxItems", "maxLength", "maxProperties"):
-        return "has %d entries (characters); at most %d are allowed" % (len(value), error.validator_value)
+        unit = "characters" if kind == "maxLength" else "entries"
+        return "has %d %s; at most %d are allowed" % (len(value), unit, error.validator_value)
     if kind in ("minItems",):
         return "must not be empty"
     if kind in ("enum", "const"):
