@@ -69,7 +69,7 @@ def capture(pid, freeze=False, timeout=FREEZE_TIMEOUT):
 
 
 def _no_such_process(pid):
-    raise RequestError("capture: no live process %d in this pid namespace" % pid, kind="pid")
+    raise RequestError("no live process %d in this pid namespace" % pid, kind="pid")
 
 
 def _check_proc_is_ours():
