@@ -180,6 +180,9 @@ def _process(pid, table, root, instance):
         fds = _pty_fds(pid, instance)
     except (FileNotFoundError, ProcessLookupError):
         raise _TreeMoved() from None
+    except PermissionError:
+        raise UnsupportedError("cannot read the fds of process %d in /proc: capture as the owner of "
+                               "the tree or as root in its user namespace" % pid) from None
     tids.remove(pid)
     return {
         "pid": pid,
