@@ -323,6 +323,22 @@ def test_freeze_stops_the_whole_tree_and_resumes_only_what_it_stopped(uid):
         os.kill(already, signal.SIGCONT)
 
 
+def test_freeze_is_bounded_and_resumes_what_it_stopped_when_a_process_never_stops():
+    from idpin.restore import capture as capturing
+
+    with live_tree() as ids:
+        pids = tree_pids(ids)
+        never = ids["B1"][0]  # as a process in uninterruptible sleep would
+        real = capturing._all_threads_stopped
+        capturing._all_threads_stopped = lambda pid: pid != never and real(pid)
+        try:
+            with pytest.raises(idpin.IdpinError, match=r"did not stop within 0.3 s \(still running: %d\)" % never):
+                capture(ids["R"][0], freeze=True, timeout=0.3)
+        finally:
+            capturing._all_threads_stopped = real
+        assert wait_until(lambda: stopped_processes(pids) == set())
+
+
 def test_freeze_refuses_a_tree_holding_the_caller_and_stops_nothing():
     with live_tree() as ids:
         with pytest.raises(idpin.RequestError, match="contains the capturing process 1"):
