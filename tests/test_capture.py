@@ -339,6 +339,35 @@ def test_freeze_is_bounded_and_resumes_what_it_stopped_when_a_process_never_stop
         assert wait_until(lambda: stopped_processes(pids) == set())
 
 
+def test_a_tree_that_moves_while_read_is_read_again_and_the_retries_are_bounded():
+    from idpin.restore import capture as capturing
+
+    with live_tree() as ids:
+        victim = ids["B1"][0]
+        real_ipc, real_shape = capturing._ipc_objects, capturing._shape
+        calls = []
+
+        def ipc_objects_while_b1_dies():
+            calls.append(1)
+            if len(calls) == 1:  # after the processes were read
+                os.kill(victim, signal.SIGKILL)
+                assert wait_until(lambda: capturing._stat_fields(victim)[0] == "Z")
+            return real_ipc()
+
+        capturing._ipc_objects = ipc_objects_while_b1_dies
+        try:
+            captured = capture(ids["R"][0])
+            capturing._shape = lambda table, root: calls.append(2) or len(calls)
+            with pytest.raises(idpin.IdpinError, match="kept changing while it was read \\(5 attempts\\): "
+                                                       "capture it with freeze=True"):
+                capture(ids["R"][0])
+        finally:
+            capturing._ipc_objects, capturing._shape = real_ipc, real_shape
+    assert calls[:2] == [1, 1], "the first reading must have been thrown away"
+    pids = {p["pid"] for p in captured["processes"]}
+    assert victim not in pids and set(tree_pids(ids)) - pids == {victim}
+
+
 def test_freeze_refuses_a_tree_holding_the_caller_and_stops_nothing():
     with live_tree() as ids:
         with pytest.raises(idpin.RequestError, match="contains the capturing process 1"):
