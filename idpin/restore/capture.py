@@ -150,13 +150,20 @@ def _process_table():
     return table
 
 
+def _is_live(table, pid):
+    return pid in table and (table[pid][0] not in _DEAD or _has_live_threads(pid))
+
+
 def _descendants(table, root):
-    """``root`` and its live descendants, parents before children, by pid within a level."""
+    """``root`` and its live descendants, parents before children, by pid within a level.
+
+    Empty if ``root`` is not a live process.
+    """
     children = {}
-    for pid, (state, ppid, _, _) in table.items():
-        if state not in _DEAD or _has_live_threads(pid):
+    for pid, (_, ppid, _, _) in table.items():
+        if _is_live(table, pid):
             children.setdefault(ppid, []).append(pid)
-    order, level = [], [root]
+    order, level = [], [root] if _is_live(table, root) else []
     while level:
         order.extend(level)
         level = sorted(child for pid in level for child in children.get(pid, ()))
