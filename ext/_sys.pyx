@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
 from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
-from posix.unistd cimport close, pread, pwrite, _exit
+from posix.unistd cimport close, pread, pwrite, _exit, getpid, fork as c_fork
 from posix.wait cimport waitpid
 
 from _sys cimport *
@@ -144,6 +144,45 @@ def clone3_fork(set_tid, tid_offset):
     if pid < 0:
         raise OSError(code, "clone3(set_tid=%s): %s" % (list(items), os.strerror(code)))
     return pid
+
+
+def knob_fork(knob_fd, pid):
+    """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
+
+    CPython's fork protocol, as os.fork follows it, except that a child born
+    with another pid exits (status 125) before PyOS_AfterFork_Child, so it
+    runs nothing of the caller's, not even os.register_at_fork hooks. The
+    knob is written after PyOS_BeforeFork, the last moment before the fork,
+    to leave a process forking outside idpin's lock the shortest window.
+    Returns 0 in the child and the child's pid in the parent.
+    """
+    data = b"%d" % (pid - 1)
+    cdef int cfd = knob_fd
+    cdef int want = pid
+    cdef const char *cdata = data
+    cdef size_t size = len(data)
+    cdef ssize_t written
+    cdef int child, code
+    # The GIL is held throughout, as os.fork holds it across fork().
+    PyOS_BeforeFork()
+    written = _pwrite_at_zero(cfd, cdata, size)
+    if written < 0 or <size_t>written != size:
+        code = errno if written < 0 else EIO
+        PyOS_AfterFork_Parent()
+        if written < 0:
+            raise _stdlib_error(code)
+        raise OSError(EIO, "short write of %d to a knob" % (pid - 1))
+    child = c_fork()
+    if child == 0:
+        if getpid() != want:
+            _exit(125)
+        PyOS_AfterFork_Child()
+        return 0
+    code = errno
+    PyOS_AfterFork_Parent()
+    if child < 0:
+        raise OSError(code, "fork: %s" % os.strerror(code))
+    return child
 
 
 def clone3_probe(set_tid):

@@ -54,16 +54,17 @@ class Request:
                 "%r was already entered; a request is one-shot: create a new one per block" % self
             )
         self._state = "active"
-        _stack().append(self)
-        armed = []
+        # Each kind's arm records what it holds in self.armed before taking
+        # it, so _unwind undoes exactly that, whatever point an exception
+        # (a signal handler's included) interrupted.
         try:
+            _stack().append(self)
             for name in self._kinds_in_order():
                 kind = KINDS[name]
                 if kind.arm is not None:
                     kind.arm(self, name)
-                    armed.append(kind)
         except BaseException:
-            self._unwind(armed)
+            self._unwind()
             raise
         return self
 
@@ -72,8 +73,7 @@ class Request:
             # This is a forked child's copy of the block: the knobs and locks
             # belong to the parent, which leaves its own copy of the block.
             return False
-        armed = [KINDS[name] for name in self._kinds_in_order() if KINDS[name].arm is not None]
-        error = self._unwind(armed)
+        error = self._unwind()
         if error is not None:
             if exc is None:
                 raise error
@@ -83,21 +83,23 @@ class Request:
     def _kinds_in_order(self):
         return [name for name in ORDER if name in self.ids]
 
-    def _unwind(self, armed):
+    def _unwind(self):
         """Disarm in reverse order; every kind is disarmed even if one fails."""
         first_error = None
-        for kind in reversed(armed):
-            try:
-                kind.disarm(self, kind.name)
-            except BaseException as err:  # noqa: B902 - keep disarming the rest
-                if first_error is None:
-                    first_error = err
-        stack = _stack()
-        if stack and stack[-1] is self:
-            stack.pop()
-        elif self in stack:
-            stack.remove(self)
-        self._state = "done"
+        try:
+            for name in reversed(ORDER):
+                if name not in self.armed:
+                    continue
+                try:
+                    KINDS[name].disarm(self, name)
+                except BaseException as err:  # noqa: B902 - keep disarming the rest
+                    if first_error is None:
+                        first_error = err
+        finally:
+            self._state = "done"
+            stack = _stack()
+            if self in stack:
+                stack.remove(self)
         return first_error
 
 

@@ -22,6 +22,7 @@ INTERFACE = (
     "BACKEND",
     "clone3_fork",
     "clone3_probe",
+    "knob_fork",
     "prctl",
     "unshare",
     "setns",

@@ -105,6 +105,47 @@ def clone3_fork(set_tid, tid_offset):
     return pid
 
 
+_fork_call = _libc_gil.fork
+_fork_call.restype = ctypes.c_int
+_getpid_call = _libc_gil.getpid
+
+
+def knob_fork(knob_fd, pid):
+    """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
+
+    CPython's fork protocol, as os.fork follows it, except that a child born
+    with another pid exits (status 125) before PyOS_AfterFork_Child, so it
+    runs nothing of the caller's, not even os.register_at_fork hooks.
+    Returns 0 in the child and the child's pid in the parent.
+    """
+    data = b"%d" % (pid - 1)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    _api.PyOS_BeforeFork()
+    try:
+        written = os.pwrite(knob_fd, data, 0)
+    except BaseException:
+        _api.PyOS_AfterFork_Parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if written != len(data):
+        _api.PyOS_AfterFork_Parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise OSError(errno.EIO, "short write of %d to a knob" % (pid - 1))
+    child = _fork_call()
+    if child == 0:
+        if _getpid_call() != pid:
+            os._exit(125)
+        _api.PyOS_AfterFork_Child()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return 0
+    code = ctypes.get_errno()
+    _api.PyOS_AfterFork_Parent()
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if child < 0:
+        raise OSError(code, "fork: %s" % os.strerror(code))
+    return child
+
+
 def clone3_probe(set_tid):
     """errno of a clone3(set_tid) that cannot create a child (set_tid in use).
 
@@ -151,8 +192,9 @@ def _bytes(value):
     return os.fsencode(value)
 
 
-def flock(fd, operation):
-    fcntl.flock(fd, operation)
+# The C function itself: no Python frame between a caller's cleanup path
+# and the syscall, where a signal handler could raise first.
+flock = fcntl.flock
 
 
 def knob_write(fd, value):
@@ -300,10 +342,16 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     Returns the id the kernel gave: ``want``, or the id of an object that
     existed only briefly (the kernel silently takes the next free index).
     """
-    knob_write(knob_fd, want)
-    got = ipc_get(kind, key, arg, flags)
-    if got != want:
-        ipc_remove(kind, got)
+    # One step to the caller, as in the Cython backend: no signal handler
+    # may run between creating a wrongly numbered object and removing it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        knob_write(knob_fd, want)
+        got = ipc_get(kind, key, arg, flags)
+        if got != want:
+            ipc_remove(kind, got)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return got
 
 
