@@ -325,3 +325,29 @@ def test_any_consistent_tree_loads_and_a_duplicated_pid_is_refused(doc, rng):
     twin["processes"][j] = dict(twin["processes"][i])
     assert refusal(twin).startswith("invalid plan: $.processes[%d].pid: pid %d is also $.processes[%d]"
                                     % (j, doc["processes"][i]["pid"], i))
+
+
+def paths(node, prefix=()):
+    """Every place in a JSON document: (keys and indices) tuples."""
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from paths(child, prefix + (key,))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+PLACES = [path for path in paths(example()) if path]
+
+
+@hypothesis.settings(max_examples=150)
+@hypothesis.given(st.sampled_from(PLACES), json_values | st.sampled_from([0, 1, 3, 5, 9, 2**31, "slave", "shm"]))
+def test_any_value_anywhere_is_accepted_or_refused_with_a_path_never_a_crash(where, value):
+    doc = mutated(where, value)
+    try:
+        plan.validate(doc)
+    except idpin.RequestError as err:
+        assert str(err).startswith("invalid plan: $"), str(err)
