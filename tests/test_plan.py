@@ -109,6 +109,10 @@ HOSTILE = [
     ((P, 1, "pid"), True, "$.processes[1].pid", "must be of type integer, not boolean True"),
     ((P, 1, "pid"), "2", "$.processes[1].pid", "must be of type integer, not string '2'"),
     ((P, 1, "pgid"), None, "$.processes[1].pgid", "must be of type integer, not null"),
+    # values equal to ones already found valid, but of another type (validation remembers valid pairs)
+    ((P, 2, "ppid"), 1.0, "$.processes[2].ppid", "must be of type integer, not number 1.0"),
+    ((P, 1, "sid"), True, "$.processes[1].sid", "must be of type integer, not boolean True"),
+    ((P, 2, "next"), {"pid": [12.0]}, "$.processes[2].next.pid[0]", "must be of type integer, not number 12.0"),
     ((P, 1, "cmdline"), ["ok", 5], "$.processes[1].cmdline[1]", "must be of type string"),
     ((P, 0, "next", "pid"), [0], "$.processes[0].next.pid[0]", "0 is out of range 1..4194303"),
     ((P, 0, "next", "sem"), [-1], "$.processes[0].next.sem[0]", "-1 is out of range 0..2147483647"),
