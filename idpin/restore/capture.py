@@ -16,7 +16,10 @@ namespace's):
 Without ``freeze`` the tree may change while it is read: the capture reads
 the process table again at the end and starts over (a few times) if the
 tree moved. ``freeze=True`` stops the tree with SIGSTOP first (bounded in
-time) and, whatever happens, resumes exactly the processes it stopped.
+time) and, whatever happens, resumes exactly the processes it stopped. The
+IPC objects are then consistent with the tree as long as no process outside
+it changes them; a capturing process killed while the tree is stopped leaves
+it stopped (resume it with SIGCONT).
 """
 import base64
 import collections
