@@ -19,7 +19,9 @@ tree moved. ``freeze=True`` stops the tree with SIGSTOP first (bounded in
 time) and, whatever happens, resumes exactly the processes it stopped. The
 IPC objects are then consistent with the tree as long as no process outside
 it changes them; a capturing process killed while the tree is stopped leaves
-it stopped (resume it with SIGCONT).
+it stopped (resume it with SIGCONT). A stop is visible to the root's
+parent (SIGCHLD, waitpid with WUNTRACED): an interactive shell reports its
+job as stopped, and continued.
 """
 import base64
 import collections
