@@ -461,3 +461,27 @@ def test_sys_reads_ipc_contents_and_reports_errors(backend):
         segment.detach()
         segment.remove()
         semaphore.remove()
+
+
+def test_a_process_name_that_mimics_stat_fields_does_not_fool_the_capture():
+    ready, started = os.pipe()
+    release, hold = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(hold)
+        with open("/proc/self/comm", "w") as f:
+            f.write("x) R 7 7 7 (y")  # /proc/PID/stat: "pid (comm) state ppid pgrp session ..."
+        os.setpgid(0, 0)
+        os.write(started, b"!")
+        os.read(release, 1)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        captured = capture(child)
+    finally:
+        os.close(hold)
+        os.waitpid(child, 0)
+        for fd in (ready, started, release):
+            os.close(fd)
+    process = captured["processes"][0]
+    assert (process["pid"], process["ppid"], process["pgid"], process["sid"]) == (child, 0, child, 0)
