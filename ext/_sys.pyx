@@ -13,7 +13,7 @@ import os
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE, ENOMSG, EFBIG
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
@@ -425,6 +425,9 @@ def ipc_count(kind):
 
 
 # ------------------------------------------------- IPC contents (capture)
+
+from libc.errno cimport EFBIG, ENOMSG
+
 
 def sem_getall(id):
     """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
