@@ -383,11 +383,16 @@ def _stop(pid, listed, stopped, already):
         if fields is not None and fields[0] in _STOPPED:
             already.add(pid)
         return False
-    stopped[pid] = pidfd
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     except ProcessLookupError:
+        os.close(pidfd)
         return False
+    except PermissionError:
+        os.close(pidfd)
+        raise UnsupportedError("cannot stop process %d: not allowed to signal it; capture with "
+                               "--freeze as its owner or as root" % pid) from None
+    stopped[pid] = pidfd
     return True
 
 
