@@ -26,13 +26,12 @@ offers no way to prevent it.
 """
 import collections
 import errno
+import json
 import operator
 import os
-import signal
 
-from . import _sys, knobs
+from . import _sys, knobs, pids, tids
 from .errors import IdBusyError, RequestError, UnsupportedError
-from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
@@ -90,23 +89,42 @@ def _clean_up_after_dead_holders(lock):
     lock): both are undone before anything else.
     """
     ns = ipc_lock()
+    put_back_recorded_limits()
     for kind in KINDS:
         _reclaim_throwaway(kind)
         if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
             consume_knob(kind, ns)
 
 
-# The key of idpin's own throwaway objects, so that one left by a holder
-# killed between creating and removing it can be found and removed.
+# idpin's own throwaway objects carry this key and mode, so that one left by
+# a holder killed between creating and removing it can be told from anyone
+# else's object and removed.
 THROWAWAY_KEY = 0x49445049  # "IDPI"
+THROWAWAY_MODE = 0o000
 
 
 def _reclaim_throwaway(kind):
+    """Remove a throwaway object a killed holder left; whether the key is free now."""
     try:
         id = _sys.ipc_get(CODE[kind], THROWAWAY_KEY, 0, 0)
     except FileNotFoundError:
-        return
-    _sys.ipc_remove(CODE[kind], id)
+        return True
+    if _mode_of(kind, id) != THROWAWAY_MODE:
+        return False  # someone else's object with that key: not idpin's to remove
+    try:
+        _sys.ipc_remove(CODE[kind], id)
+    except OSError:
+        pass
+    return True
+
+
+def _mode_of(kind, id):
+    with open("/proc/sysvipc/" + kind) as f:
+        for line in f.readlines()[1:]:
+            row = line.split()
+            if int(row[1]) == id:
+                return int(row[2], 8) & 0o777
+    return None
 
 
 def consume_knob(kind, ns):
@@ -114,9 +132,9 @@ def consume_knob(kind, ns):
 
     A creation refused before it reads the knob (a full namespace, a limit
     lowered below the objects in use) would leave the knob armed for a later,
-    unrelated creation: then a helper process raises the limits just enough
-    for the throwaway and puts them back. It is a separate process so that a
-    SIGKILL of this one cannot leave the limits raised.
+    unrelated creation: then the limits are raised just enough for the
+    throwaway and put back, with a record that lets the next holder put them
+    back if this one is killed meanwhile.
     """
     try:
         _throwaway(kind)
@@ -131,17 +149,28 @@ def consume_knob(kind, ns):
         )
 
 
+def _throwaway_key(kind):
+    """The key for a throwaway: idpin's own, unless another program holds it."""
+    return THROWAWAY_KEY if _reclaim_throwaway(kind) else IPC_PRIVATE
+
+
 def _throwaway(kind):
     code = CODE[kind]
-    flags = IPC_CREAT | IPC_EXCL | 0o600
+    flags = IPC_CREAT | IPC_EXCL | THROWAWAY_MODE
+    key = THROWAWAY_KEY
     try:
-        id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
-    except FileExistsError:
-        # Left by a holder killed between create and remove; an existing key
-        # fails before the knob is read, so it is still armed.
-        _reclaim_throwaway(kind)
-        id = _sys.ipc_get(code, THROWAWAY_KEY, 1, flags)
-    _sys.ipc_remove(code, id)
+        try:
+            id = _sys.ipc_get(code, key, 1, flags)
+        except FileExistsError:
+            # Left by a holder killed between create and remove (or another
+            # program's): an existing key fails before the knob is read.
+            key = _throwaway_key(kind)
+            id = _sys.ipc_get(code, key, 1, flags)
+        _sys.ipc_remove(code, id)
+    except BaseException:
+        if key == THROWAWAY_KEY:
+            _reclaim_throwaway(kind)  # found by its key, even if the id was lost
+        raise
 
 
 # The limits a throwaway object counts against, per kind:
@@ -168,62 +197,66 @@ def _usage(kind):
     return usage
 
 
+# A POSIX message queue (it belongs to the IPC namespace and has limits of
+# its own) holding the SysV limits idpin is about to raise, written before
+# they are raised and removed once they are back: a holder killed between
+# the two leaves it for the next one, which puts the limits back.
+LIMITS_RECORD = "/idpin.ipc-limits"
+
+
 def _throwaway_with_room(kind):
-    """The throwaway, from a helper process that makes room for it and puts the limits back."""
-    needs = _usage(kind)
-    child = ORIGINALS["os.fork"]()
-    if child == 0:
-        status = 1
-        try:
-            # Nothing may stop it half-way: the limits must be put back.
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-            _throwaway_in_helper(kind, needs)
-            status = 0
-        except PermissionError:
-            status = 2
-        finally:
-            os._exit(status)
-    _, wait_status = os.waitpid(child, 0)
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code != 0:
-        raise UnsupportedError(
-            "%s stays armed: the IPC namespace has no room for another %s (its limits "
-            "%s are below what is in use) and %s; raise the limits or remove a %s "
-            "object, then take idpin's lock again (any idpin request) to consume it"
-            % (KNOB[kind], kind, ", ".join(sorted({n for n, _, _ in _LIMITS[kind]})),
-               "raising them was refused" if code == 2 else "making room failed", kind),
-            kind=kind,
-        )
-
-
-def _throwaway_in_helper(kind, usage):
-    saved = []
+    """The throwaway, with the limits raised just enough for it and put back."""
+    usage = _usage(kind)
+    texts = {}
+    for name, _, _ in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        if path not in texts:
+            with open(path) as f:
+                texts[path] = f.read().strip()
+    raised = dict(texts)
+    for name, field, need in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        values = raised[path].split()
+        values[field] = str(max(int(values[field]), usage[need] + 1))
+        raised[path] = " ".join(values)
+    changed = {path: texts[path] for path in texts if raised[path].split() != texts[path].split()}
+    put_back_recorded_limits()
+    _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
     try:
-        for name, field, need in _LIMITS[kind]:
-            saved.append((name, _raise_limit(name, field, usage[need] + 1)))
-        _throwaway(kind)
+        try:
+            for path in changed:
+                _write_text(path, raised[path])
+            _throwaway(kind)
+        finally:
+            for path, text in changed.items():
+                _write_text(path, text)
+    except PermissionError:
+        raise UnsupportedError(
+            "%s stays armed: the IPC namespace has no room for another %s (kernel.%s are at "
+            "or below what is in use) and raising them was refused; raise them or remove a "
+            "%s object, then take idpin's lock again (any idpin request) to consume it"
+            % (KNOB[kind], kind, ", kernel.".join(sorted({n for n, _, _ in _LIMITS[kind]})),
+               kind),
+            kind=kind,
+        ) from None
     finally:
-        for name, text in reversed(saved):
-            if text is not None:
-                _write_text("/proc/sys/kernel/" + name, text)
-
-
-def _raise_limit(name, field, at_least):
-    """Raise field ``field`` of a sysctl to ``at_least``; its old text, or None if unchanged."""
-    path = "/proc/sys/kernel/" + name
-    with open(path) as f:
-        text = f.read()
-    values = text.split()
-    if int(values[field]) >= at_least:
-        return None
-    values[field] = str(at_least)
-    _write_text(path, " ".join(values))
-    return text
+        _sys.record_remove(LIMITS_RECORD)
 
 
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
+
+
+def put_back_recorded_limits():
+    """Limits a holder killed while they were raised left in the record: put them back."""
+    data = _sys.record_read(LIMITS_RECORD)
+    if data is None:
+        return
+    if data:
+        for path, text in json.loads(data).items():
+            _write_text(path, text)
+    _sys.record_remove(LIMITS_RECORD)
 
 
 def _holder(kind, id):
@@ -268,13 +301,20 @@ def census(kind):
 class _IpcBlock:
     """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts")
 
     def __init__(self, ns):
         self.ns = ns
         self.held = False
         self.before = None
         self.routed = None
+        self.settled = False
+        self.cleaned = False
+        # Whether this thread was the process's only one, and how many
+        # threads threading had started: an unrouted creation can be this
+        # thread's only if no other thread could have made it.
+        self.alone = pids.thread_count() == 1
+        self.starts = tids.thread_starts()
 
 
 def arm(req, kind):
@@ -308,28 +348,39 @@ def _proc_pid():
 
 
 def disarm(req, kind):
-    block = req.armed.pop(kind)
-    if not block.held:
-        return  # the block's entry failed before it took anything
+    """Leave an IPC block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed[kind]
+    try:
+        if block.held:
+            _settle_and_clean(req, kind, block)
+            block.ns.release()
+            block.held = False
+    finally:
+        if not block.held:
+            del req.armed[kind]
+
+
+def _settle_and_clean(req, kind, block):
     ns = block.ns
     try:
-        if kind not in req.consumed and block.routed is not None:
-            with ns.alloc:  # the census must match the routed creations noted
-                _settle_unrouted(req, kind, ns, block)
+        if not block.settled:
+            # Checked once: an error here is the block's verdict; an
+            # interrupted check leaves the knob to the cleaning below.
+            block.settled = True
+            if kind not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed creations noted
+                    _settle_unrouted(req, kind, ns, block)
     finally:
-        try:
+        if not block.cleaned:
             with ns.alloc:
-                try:
-                    ns.armed.pop(KNOB[kind], None)
-                    if block.routed is not None:
-                        ns.unwatch(kind, block.routed)
-                    outer = enclosing_pending_request(req, kind)
-                    if outer is not None:
-                        _rearm_outer(ns, outer, kind)
-                finally:
-                    _leave_knob_as_blocks_expect(kind, ns)
-        finally:
-            ns.release()
+                ns.armed.pop(KNOB[kind], None)
+                if block.routed is not None:
+                    ns.unwatch(kind, block.routed)
+                outer = enclosing_pending_request(req, kind)
+                if outer is not None:
+                    _rearm_outer(ns, outer, kind)
+                _leave_knob_as_blocks_expect(kind, ns)
+            block.cleaned = True
 
 
 def _leave_knob_as_blocks_expect(kind, ns):
@@ -371,11 +422,18 @@ def _settle_unrouted(req, kind, ns, block):
     appeared = set(objects) - set(block.before) - block.routed.made
     if appeared == {value}:
         creator = objects[value]
-        if kind != "shm" or creator == _proc_pid():
-            consume(req, kind, value)
-            return
-        raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
-                          % (value, creator))
+        if kind == "shm" and creator != _proc_pid():
+            raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
+                              % (value, creator))
+        if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts):
+            raise IdBusyError(
+                kind, value,
+                "%s %d appeared during the block, but this process had other threads, and "
+                "any of them could have made it: idpin cannot prove it was this thread's; "
+                "create with idpin.ipc.%sget for an exact answer" % (kind, value, kind),
+            )
+        consume(req, kind, value)
+        return
     if value not in appeared:
         detail = ("a creation consumed %s, but no object created during the block has the id: "
                   "a process outside idpin's lock took the knob, or the index was taken "
@@ -497,39 +555,46 @@ def create_pinned(kind, value, key, arg, flags):
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
     """
     ns = ipc_lock()
-    with ns.held(), ns.alloc:
-        holder = _holder(kind, value)
-        if holder != -1:
-            raise _busy_error(kind, value, holder)
-        got = None
-        try:
-            got = _sys.ipc_create_pinned(
-                ns.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
-            )
-        except FileExistsError:
-            restore_knob(kind, ns)
-            if flags & IPC_EXCL:
-                raise
-            return None
-        except OSError as err:
-            restore_knob(kind, ns)
-            if err.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise _full_error(kind, err) from None
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
+            holder = _holder(kind, value)
+            if holder != -1:
+                raise _busy_error(kind, value, holder)
+            checked = True  # from here, an object at ``value`` is this call's
+            got = _create_pinned_checked(ns, kind, value, key, arg, flags)
+        return got
+    except BaseException:
+        if checked:
+            # However far it got (a signal handler may have raised once the
+            # object existed, even after the lock was released): no object.
+            _undo_created(kind, value, None)
+        raise
+
+
+def _create_pinned_checked(ns, kind, value, key, arg, flags):
+    try:
+        got = _sys.ipc_create_pinned(
+            ns.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
+        )
+    except FileExistsError:
+        restore_knob(kind, ns)
+        if flags & IPC_EXCL:
             raise
-        except BaseException:
-            # A signal handler may have raised once the object existed.
-            _undo_created(kind, value, got)
-            restore_knob(kind, ns)
-            raise
-        try:
-            if got != value:
-                restore_knob(kind, ns)
-                raise _wrong_id_error(kind, value, got)
-            ns.armed.pop(KNOB[kind], None)  # consumed
-            ns.note(kind, got)
-        except BaseException:
-            _undo_created(kind, value, value if got == value else None)
-            raise
+        return None
+    except OSError as err:
+        restore_knob(kind, ns)
+        if err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise _full_error(kind, err) from None
+        raise
+    except BaseException:
+        restore_knob(kind, ns)
+        raise
+    if got != value:
+        restore_knob(kind, ns)
+        raise _wrong_id_error(kind, value, got)
+    ns.armed.pop(KNOB[kind], None)  # consumed
+    ns.note(kind, got)
     return got
 
 
@@ -630,29 +695,31 @@ def create_many(specs):
     if not specs:
         return []
     ns = ipc_lock()
-    created = []
-    with ns.held(), ns.alloc:
-        for spec in specs:
-            holder = _holder(spec.kind, spec.id)
-            if holder != -1:
-                raise _busy_error(spec.kind, spec.id, holder)
-        try:
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
             for spec in specs:
-                created.append(_create_one(ns, spec))
+                holder = _holder(spec.kind, spec.id)
+                if holder != -1:
+                    raise _busy_error(spec.kind, spec.id, holder)
+            checked = True  # from here, an object at a spec's id is this batch's
+            created = [_create_one(ns, spec) for spec in specs]
             for kind, id in created:
                 ns.note(kind, id)
-        except BaseException:
+            for kind in {spec.kind for spec in specs}:
+                restore_knob(kind, ns)  # a block of this thread may have armed it
+        return [id for _, id in created]
+    except BaseException:
+        if checked:
             # Every spec's id was free when the lock was taken: an object at
             # one of them now is this batch's, even one a signal handler's
             # exception kept from being recorded.
             for spec in reversed(specs):
                 _undo_created(spec.kind, spec.id, None)
-            for kind in KINDS:
-                restore_knob(kind, ns)
-            raise
-        for kind in {spec.kind for spec in specs}:
-            restore_knob(kind, ns)  # a block of this thread may have armed it
-    return [id for _, id in created]
+            with ns.held(), ns.alloc:
+                for kind in KINDS:
+                    restore_knob(kind, ns)
+        raise
 
 
 def _create_one(ns, spec):

@@ -157,42 +157,69 @@ class NamespaceLock:
                 raise
 
     def _take(self, local, timeout):
-        local.fd = self._idle.pop() if self._idle else self._open()
+        # Subscript and del, not list.pop(): a signal handler can raise after
+        # a C call returns, which would lose the fd it returned.
+        if self._idle:
+            fd = self._idle[-1]
+            del self._idle[-1]
+        else:
+            fd = self._open()
+        hold = (self, threading.get_ident())
         try:
-            wait_for_flock(local.fd, self, timeout)
+            wait_for_flock(fd, self, timeout)
+            _held.add(hold)
+            # Published only once held, in two stores no handler can split:
+            # a signal handler that takes this lock while this thread waits
+            # uses a description of its own and leaves these as it found them.
+            local.fd = fd
             local.depth = 1
-            _held.add((self, threading.get_ident()))
         except BaseException:
-            if not getattr(local, "depth", 0):
+            if getattr(local, "fd", -1) != fd:
                 # The flock may have been granted just before the exception.
-                self._put_back(local)
+                _held.discard(hold)
+                self._return_fd(fd)
             raise
 
     def _put_back(self, local):
-        fd, local.fd = local.fd, -1
-        try:
-            _unlock_call(fd, fcntl.LOCK_UN)
-        finally:
-            if self._keep_open:
-                self._idle.append(fd)
-            else:
-                self._fds.discard(fd)  # forgotten before closed: the number may be reused at once
-                os.close(fd)
+        # Resumable: the unlock comes first and the fd is forgotten only
+        # after it, so a call interrupted anywhere is finished by the next.
+        fd = local.fd
+        _unlock_call(fd, fcntl.LOCK_UN)
+        local.fd = -1
+        self._pool(fd)
+
+    def _return_fd(self, fd):
+        _unlock_call(fd, fcntl.LOCK_UN)
+        self._pool(fd)
+
+    def _pool(self, fd):
+        if self._keep_open:
+            self._idle.append(fd)
+        else:
+            self._fds -= {fd}  # forgotten before closed: the number may be reused at once
+            os.close(fd)
 
     def release(self):
+        """Release one hold of this thread.
+
+        Resumable: if an exception (a signal handler's) interrupts it, calling
+        it again finishes what the first call began, and never releases a
+        second hold.
+        """
         local = self._local
         depth = getattr(local, "depth", 0)
-        if not depth:
-            return  # a forked child's copy of its parent's block: nothing of ours
-        local.depth = depth - 1
         if depth > 1:
+            local.depth = depth - 1
             return
-        try:
+        if depth == 1:
+            local.owes_before = self.before is not None
+            local.depth = 0
+        if getattr(local, "fd", -1) >= 0:
             _held.discard((self, threading.get_ident()))
             self._put_back(local)
-        finally:
-            if self.before is not None:
-                self.before.release()
+        if getattr(local, "owes_before", False):
+            self.before.release()
+            local.owes_before = False
 
     def held(self):
         """Context manager: acquire on entry, release on exit."""
@@ -221,8 +248,11 @@ class _Held:
         self.lock.acquire()
         return self.lock
 
-    def __exit__(self, *exc):
-        self.lock.release()
+    # C-level when the extension is built: see _sys.resumable_exit.
+    __exit__ = _sys.resumable_exit
+
+    def _exit(self, *exc):
+        self.lock.release()  # resumable
         return False
 
 

@@ -24,7 +24,7 @@ import time
 from . import _sys, knobs
 from .errors import NEEDS_NAMESPACE_HINT, IdBusyError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, consume, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, validate_int
 
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
@@ -134,7 +134,7 @@ def fork(pid=None, mechanism=None):
         return plain_fork()
     req, value = found
     child = pinned_fork(value, mechanism)
-    consume(req, "pid", value)
+    req.consumed["pid"] = value  # inline: no call between the fork and recording it
     return child
 
 
@@ -248,6 +248,9 @@ def fork_clone3(value):
             _clone3_missing = True
             raise _Clone3Missing() from err
         raise _translate_clone3_error(err, value) from err
+    except BaseException:
+        undo_interrupted_fork(set_tid[0])
+        raise
 
 
 def _translate_clone3_error(err, value):
@@ -335,11 +338,44 @@ def _fork_with_knob(pid):
             if err.errno == errno.EINVAL:
                 raise out_of_range_error("pid", pid) from None
             raise
+        except BaseException:
+            undo_interrupted_fork(pid)
+            raise
         if child == 0:
             return 0
         # A tid block of this process armed the same cursor: give it back.
         ns.rearm("ns_last_pid")
     return child
+
+
+def undo_interrupted_fork(pid):
+    """A fork completed, but an exception (a signal handler's) kept its child from the caller.
+
+    The caller will never know that child, so it is killed and reaped: the
+    one born with ``pid``, and a wrongly numbered knob-path child (it exits
+    at once with WRONG_PID_EXIT and would stay a zombie).
+    """
+    me = os.getpid()
+    for child, state, exit_code in _children_of(me):
+        if child == pid or (state == "Z" and exit_code == WRONG_PID_EXIT << 8):
+            undo_child(child)
+
+
+def _children_of(parent):
+    """(pid, state, exit code) of this process's children, from /proc."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After "pid (comm)": state, ppid, ... field 52 of stat is the exit code.
+        if int(fields[1]) == parent:
+            found.append((int(name), fields[0], int(fields[-1]) if len(fields) >= 50 else 0))
+    return found
 
 
 def undo_child(child):

@@ -12,6 +12,7 @@ third-party libraries), an ``arm``/``disarm`` pair run at block entry and exit.
 import os
 import threading
 
+from . import _sys
 from .errors import RequestError
 
 _local = threading.local()
@@ -30,6 +31,7 @@ class Kind:
 KINDS = {}
 # Arming order is fixed so that locks are always taken in the same order.
 ORDER = ("pid", "tid", "sem", "shm", "msg", "pty")
+_UNWIND_ORDER = tuple(reversed(ORDER))
 
 
 def register_kind(kind):
@@ -68,7 +70,11 @@ class Request:
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    # C-level when the extension is built, so that a signal handler cannot
+    # raise between the with statement and the unwinding: _sys.resumable_exit.
+    __exit__ = _sys.resumable_exit
+
+    def _exit(self, exc_type, exc, tb):
         if self._state == "forked":
             # This is a forked child's copy of the block: the knobs and locks
             # belong to the parent, which leaves its own copy of the block.
@@ -84,23 +90,44 @@ class Request:
         return [name for name in ORDER if name in self.ids]
 
     def _unwind(self):
-        """Disarm in reverse order; every kind is disarmed even if one fails."""
-        first_error = None
+        """Disarm every armed kind, in reverse order, even if one fails; the first error.
+
+        An exception (a signal handler's) that interrupts the walk between
+        two kinds, or a kind's disarm half-way, is followed by a second walk:
+        each disarm is resumable, and leaves ``armed`` only once done.
+        """
+        errors = []
         try:
-            for name in reversed(ORDER):
-                if name not in self.armed:
-                    continue
-                try:
-                    KINDS[name].disarm(self, name)
-                except BaseException as err:  # noqa: B902 - keep disarming the rest
-                    if first_error is None:
-                        first_error = err
+            try:
+                self._disarm_all(errors)
+            except BaseException as err:  # noqa: B902 - between two kinds
+                errors.append(err)
+                self._disarm_all(errors)
         finally:
             self._state = "done"
-            stack = _stack()
+            # No call before the removal: a signal handler could raise at a
+            # function's entry and leave this request on the stack.
+            try:
+                stack = _local.stack
+            except AttributeError:
+                stack = ()
             if self in stack:
                 stack.remove(self)
-        return first_error
+        return errors[0] if errors else None
+
+    def _disarm_all(self, errors):
+        for name in _UNWIND_ORDER:
+            if name not in self.armed:
+                continue
+            try:
+                KINDS[name].disarm(self, name)
+            except BaseException as err:  # noqa: B902 - keep disarming the rest
+                errors.append(err)
+                if name in self.armed:
+                    try:
+                        KINDS[name].disarm(self, name)  # finish what was interrupted
+                    except BaseException as again:  # noqa: B902
+                        errors.append(again)
 
 
 def _note(exc, text):
@@ -141,7 +168,7 @@ def pending(kind):
     if not stack:
         return None
     for req in reversed(stack):
-        if kind in req.ids:
+        if kind in req.ids and req._state == "active":
             if kind in req.consumed:
                 return None
             return req, req.ids[kind]

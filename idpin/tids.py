@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import knobs, pids
+from . import _sys, knobs, pids
 from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind
@@ -34,6 +34,13 @@ START_RETRY_SECONDS = 0.5
 CARRIER_TIMEOUT = 10.0
 
 _pinned = threading.local()
+# OS threads threading has started in this process (a block checking an
+# unrouted creation asks whether another thread could have made it).
+_starts = 0
+
+
+def thread_starts():
+    return _starts
 
 
 def validate_tid(value):
@@ -62,13 +69,16 @@ def _write_tid_knob(ns, tid):
 class _TidBlock:
     """What a tid block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "cursor")
 
     def __init__(self, ns):
         self.ns = ns
         self.held = False
         self.before = None
         self.routed = None
+        self.settled = False
+        self.cleaned = False
+        self.cursor = None
 
 
 def arm(req, kind):
@@ -81,20 +91,35 @@ def arm(req, kind):
     with ns.alloc:  # no thread start between the census and the arming
         block.before = _tasks()
         block.routed = ns.watch("tid")
+        # The cursor as the namespace had it: put back if the block ends
+        # with the tid unused, so no later allocation takes it unasked.
+        block.cursor = _sys.knob_read(ns.knob("ns_last_pid"))
         _arm_knob(ns, req.ids["tid"])
 
 
 def disarm(req, kind):
-    block = req.armed.pop("tid")
-    if not block.held:
-        return  # the block's entry failed before it took anything
+    """Leave a tid block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed["tid"]
+    try:
+        if block.held:
+            _settle_and_clean(req, block)
+            block.ns.release()
+            block.held = False
+    finally:
+        if not block.held:
+            del req.armed["tid"]
+
+
+def _settle_and_clean(req, block):
     ns = block.ns
     try:
-        if "tid" not in req.consumed and block.routed is not None:
-            with ns.alloc:  # the census must match the routed starts noted
-                _settle_unrouted(req, block.before, block.routed)
+        if not block.settled:
+            block.settled = True
+            if "tid" not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed starts noted
+                    _settle_unrouted(req, block.before, block.routed)
     finally:
-        try:
+        if not block.cleaned:
             with ns.alloc:
                 ns.armed.pop("ns_last_pid", None)
                 if block.routed is not None:
@@ -102,12 +127,18 @@ def disarm(req, kind):
                 outer = enclosing_pending_request(req, "tid")
                 if outer is not None:
                     # What the inner block made is not the outer block's to judge.
-                    outer_block = outer.armed["tid"]
-                    outer_block.before = _tasks()
+                    outer.armed["tid"].before = _tasks()
                     _arm_knob(ns, outer.ids["tid"])
-        finally:
-            if block.held:
-                ns.release()
+                elif block.cursor is not None:
+                    _put_back_cursor(ns, req.ids["tid"] - 1, block.cursor)
+            block.cleaned = True
+
+
+def _put_back_cursor(ns, armed, cursor):
+    """An unused tid stays armed in the shared cursor: give the namespace its cursor back."""
+    fd = ns.knob("ns_last_pid")
+    if _sys.knob_read(fd) == armed:
+        knobs.write_knob(fd, "ns_last_pid", cursor)
 
 
 def _settle_unrouted(req, before, routed):
@@ -142,11 +173,13 @@ def start_thread(thread):
             _pinned.start = None
             # Consumed (or lost): nothing of this block stays armed.
             ns.armed.pop("ns_last_pid", None)
-    consume(req, "tid", tid)
+    req.consumed["tid"] = tid
 
 
 def start_new_thread(function, args, kwargs=None):
     """threading's _start_new_thread: a pinned start goes through a carrier."""
+    global _starts
+    _starts += 1
     pinned = getattr(_pinned, "start", None)
     if pinned is None:
         if kwargs is None:

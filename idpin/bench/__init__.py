@@ -2,6 +2,7 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench faults [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
 knob of the host is ever written. Each suite prints its tables, puts its
@@ -29,7 +30,9 @@ def parser():
         prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
-                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side")):
+                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
+                       ("faults", "SIGKILLs and raising signal handlers at random points, per kind: "
+                                  "leftovers and silent wrong ids")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
                            help="a short smoke run that checks correctness invariants only")
@@ -66,7 +69,8 @@ def main(argv, out=None):
 
 def run_race(args, backends):
     cells, seconds = race.run_suite(args.quick, backends)
-    return {"suite": "race", "seconds": seconds, "cells": cells, "violations": race.violations(cells)}
+    return {"suite": "race", "seconds": seconds, "cells": cells,
+            "violations": race.violations(cells, check_refusals=not args.quick)}
 
 
 def run_perf(args, backends):
@@ -82,12 +86,28 @@ def render_perf(section, out):
     perf.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf}
-RENDER = {"race": race.render, "perf": render_perf}
+def run_faults(args, backends):
+    from . import faults
+
+    rows, seconds = faults.run_suite(args.quick, backends)
+    return {"suite": "faults", "seconds": seconds, "rows": rows, "violations": faults.violations(rows)}
+
+
+def render_faults(section, out):
+    from . import faults
+
+    faults.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults}
+RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults}
 
 
 def draw(suite, section, out_dir, out):
     """Draw the suite's chart; 0, or 2 when matplotlib is missing."""
+    if suite not in ("race", "perf"):
+        out.write("no plot: the %s suite has only its table\n" % suite)
+        return 0
     try:
         from . import plots
     except ImportError as err:
