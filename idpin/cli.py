@@ -91,6 +91,31 @@ def bench(args: argparse.Namespace, out: TextIO) -> int:
     return suites.run(args, out)
 
 
+# -- capture -------------------------------------------------------------------------------
+
+def capture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=int, help="the root of the tree")
+    p.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
+    p.add_argument("--freeze", action="store_true",
+                   help="stop the tree (SIGSTOP) while it is read, then resume it")
+
+
+@command("capture", "write the plan of a live process tree and of this IPC namespace (JSON)",
+         capture_arguments)
+def capture(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import IdpinError
+    from .restore import plan
+    from .restore.capture import capture as capture_tree
+
+    try:
+        captured = capture_tree(args.pid, freeze=args.freeze)
+    except IdpinError as err:
+        sys.stderr.write("idpin capture: %s\n" % err)
+        return 1
+    plan.dump(captured, args.output or out)
+    return 0
+
+
 # -- the parser and the entry point --------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
