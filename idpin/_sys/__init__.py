@@ -37,6 +37,11 @@ INTERFACE = (
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    # the parallel restore (idpin.restore)
+    "clone3_sibling",
+    "ipc_sem_setall",
+    "ipc_msg_send",
+    "ipc_shm_write",
 )
 
 BACKENDS = ("cython", "ctypes")
