@@ -42,11 +42,11 @@ cdef extern from "compat.h" nogil:
 
     ctypedef int key_t
 
-    # Only their sizes matter: *_STAT_ANY fills one of them.
+    # *_STAT_ANY fills one of them; a capture reads the two sizes.
     struct semid_ds:
-        pass
+        unsigned long sem_nsems
     struct shmid_ds:
-        pass
+        size_t shm_segsz
     struct msqid_ds:
         pass
 
@@ -61,6 +61,17 @@ cdef extern from "compat.h" nogil:
     int shmdt(const void *shmaddr)
 
     int ioctl(int fd, unsigned long request, ...)
+
+    # Reading objects' contents (idpin.restore.capture).
+    enum:
+        IPC_STAT
+        IPC_NOWAIT
+        GETALL
+        SHM_RDONLY
+        MSG_COPY
+    ssize_t msgrcv(int msqid, void *msgp, size_t msgsz, long msgtyp, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
 
 cdef extern from "<unistd.h>" nogil:

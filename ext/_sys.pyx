@@ -13,7 +13,7 @@ import os
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE, ENOMSG, EFBIG
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
@@ -398,6 +398,94 @@ def ipc_count(kind):
     if got < 0:
         raise _oserror("*_INFO", code)
     return (<int *>&buf)[field]
+
+
+# ------------------------------------------------- IPC contents (capture)
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    cdef int cid = _c_int(id)
+    cdef semid_ds ds
+    cdef unsigned short *values
+    cdef unsigned long n, i
+    cdef int rc, code
+    with nogil:
+        rc = semctl(cid, 0, IPC_STAT, &ds)
+        code = errno
+    if rc < 0:
+        raise _oserror("semctl IPC_STAT", code, "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    n = ds.sem_nsems
+    values = <unsigned short *>malloc((n + 1) * sizeof(unsigned short))
+    if values == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = semctl(cid, 0, GETALL, values)
+            code = errno
+        if rc < 0:
+            raise _oserror("semctl GETALL", code, "id %d" % id)
+        return [values[i] for i in range(n)]
+    finally:
+        free(values)
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    cdef int cid = _c_int(id)
+    cdef long cindex = index
+    cdef size_t csize = size
+    cdef char *buf = <char *>malloc(sizeof(long) + csize)
+    cdef ssize_t got
+    cdef int code
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            got = msgrcv(cid, buf, csize, cindex, IPC_NOWAIT | MSG_COPY)
+            code = errno
+        if got < 0:
+            if code == ENOMSG:
+                return None
+            raise _oserror("msgrcv MSG_COPY", code, "id %d, message %d" % (id, index))
+        return (<long *>buf)[0], buf[sizeof(long):sizeof(long) + got]
+    finally:
+        free(buf)
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    cdef int cid = _c_int(id)
+    cdef shmid_ds ds
+    cdef void *addr
+    cdef int rc, code
+    with nogil:
+        addr = shmat(cid, NULL, SHM_RDONLY)
+        code = errno
+    if addr == <void *>-1:
+        raise _oserror("shmat", code, "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        with nogil:
+            rc = shmctl(cid, IPC_STAT, &ds)
+            code = errno
+        if rc < 0:
+            raise _oserror("shmctl IPC_STAT", code, "id %d" % id)
+        if ds.shm_segsz > limit:
+            raise OSError(EFBIG, "shm id %d is %d bytes, more than %d" % (id, ds.shm_segsz, limit))
+        return (<char *>addr)[:ds.shm_segsz]
+    finally:
+        shmdt(addr)
 
 
 cdef enum PinStep:

@@ -50,6 +50,16 @@ MSG_STAT_ANY = 13
 SEM, SHM, MSG = 0, 1, 2
 IPC_KIND_CODES = {"sem": SEM, "shm": SHM, "msg": MSG}
 
+# Reading objects' contents (a capture), and the two fields it needs from
+# glibc's x86-64 struct semid_ds and struct shmid_ds.
+IPC_STAT = 2
+IPC_NOWAIT = 0o4000
+GETALL = 13
+SHM_RDONLY = 0o10000
+MSG_COPY = 0o40000
+SEMID_DS_SIZE, SEMID_DS_NSEMS_OFFSET = 104, 80
+SHMID_DS_SIZE, SHMID_DS_SEGSZ_OFFSET = 112, 48
+
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441

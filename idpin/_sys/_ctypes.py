@@ -240,6 +240,75 @@ def ipc_count(kind):
     return ctypes.cast(_STAT_BUF, ctypes.POINTER(ctypes.c_int))[field]
 
 
+# ------------------------------------------------- IPC contents (capture)
+
+_msgrcv = _libc.msgrcv
+_msgrcv.restype = ctypes.c_ssize_t
+_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_shmat = _libc.shmat
+_shmat.restype = ctypes.c_void_p
+_shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_shmdt = _libc.shmdt
+_shmdt.argtypes = [ctypes.c_void_p]
+_SHMAT_FAILED = ctypes.c_void_p(-1).value
+
+
+def _unsigned_long_at(buf, offset):
+    return ctypes.c_ulong.from_buffer(buf, offset).value
+
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    ds = ctypes.create_string_buffer(_abi.SEMID_DS_SIZE)
+    if _ipc_ctl(_abi.SEM, id, _abi.IPC_STAT, ds) < 0:
+        raise _oserror("semctl IPC_STAT", "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    values = (ctypes.c_ushort * (_unsigned_long_at(ds, _abi.SEMID_DS_NSEMS_OFFSET) + 1))()
+    if _ipc_ctl(_abi.SEM, id, _abi.GETALL, values) < 0:
+        raise _oserror("semctl GETALL", "id %d" % id)
+    return list(values[:-1])
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + size)
+    got = _msgrcv(id, buf, size, index, _abi.IPC_NOWAIT | _abi.MSG_COPY)
+    if got < 0:
+        if ctypes.get_errno() == errno.ENOMSG:
+            return None
+        raise _oserror("msgrcv MSG_COPY", "id %d, message %d" % (id, index))
+    start = ctypes.sizeof(ctypes.c_long)
+    return ctypes.c_long.from_buffer(buf).value, buf.raw[start:start + got]
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    addr = _shmat(id, None, _abi.SHM_RDONLY)
+    if addr == _SHMAT_FAILED:
+        raise _oserror("shmat", "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        ds = ctypes.create_string_buffer(_abi.SHMID_DS_SIZE)
+        if _ipc_ctl(_abi.SHM, id, _abi.IPC_STAT, ds) < 0:
+            raise _oserror("shmctl IPC_STAT", "id %d" % id)
+        size = _unsigned_long_at(ds, _abi.SHMID_DS_SEGSZ_OFFSET)
+        if size > limit:
+            raise OSError(errno.EFBIG, "shm id %d is %d bytes, more than %d" % (id, size, limit))
+        return ctypes.string_at(addr, size)
+    finally:
+        _shmdt(addr)
+
+
 def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     """Arm the knob, create, and remove the object again if its id is wrong.
 

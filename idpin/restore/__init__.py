@@ -1,0 +1,1 @@
+"""Plans, capture and parallel restore of a process tree's ids (DESIGN.md, "Parallel restore")."""
