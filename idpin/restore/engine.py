@@ -192,8 +192,7 @@ def checked(plan):
     """The one place a plan is validated (idpin.restore.plan), before any side effect."""
     from . import plan as plan_format
 
-    plan_format.validate(plan)
-    return plan
+    return plan_format.load(plan)
 
 
 def start(job):

@@ -348,7 +348,7 @@ def wait_for_go(ctx, script):
     signal.signal(signal.SIGCHLD, lambda *args: None)
     try:
         while True:
-            _check_children(script)
+            _check_children(ctx)
             ready, _, _ = select.select([ctx.go_fd, wake_read], [], [], max(ctx.remaining() + 30, 0))
             if not ready:
                 raise TaskFailed(script.where(), IdpinError("no go from the restorer in time"))
@@ -364,13 +364,14 @@ def wait_for_go(ctx, script):
     os.close(ctx.status_fd)
 
 
-def _check_children(script):
+def _check_children(ctx):
     try:
         info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
         return
     if info is not None:
-        raise TaskFailed("pid %d" % info.si_pid, IdpinError(
+        child = ctx.scripts.get(info.si_pid)
+        raise TaskFailed(child.where() if child else "pid %d" % info.si_pid, IdpinError(
             "died before the restore was verified (%s %d)"
             % ("killed by signal" if info.si_code != os.CLD_EXITED else "exit status",
                info.si_status)))
