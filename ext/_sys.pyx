@@ -100,7 +100,9 @@ cdef void _clone_args(clone_args *args, const int *tids, Py_ssize_t n,
     memset(args, 0, sizeof(clone_args))
     args.flags = flags
     args.child_tid = child_tid
-    args.exit_signal = SIGCHLD
+    # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+    # then takes the caller's own, which is SIGCHLD for a forked caller.
+    args.exit_signal = 0 if flags & CLONE_PARENT else SIGCHLD
     args.set_tid = <uint64_t><uintptr_t>tids
     args.set_tid_size = <uint64_t>n
 

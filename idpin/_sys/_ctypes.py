@@ -55,7 +55,9 @@ def _clone_args(set_tid, flags=0, child_tid=0):
     args = _CloneArgs(
         flags=flags,
         child_tid=child_tid,
-        exit_signal=signal.SIGCHLD,
+        # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+        # then takes the caller's own, which is SIGCHLD for a forked caller.
+        exit_signal=0 if flags & _abi.CLONE_PARENT else signal.SIGCHLD,
         set_tid=ctypes.addressof(tids),
         set_tid_size=len(set_tid),
     )

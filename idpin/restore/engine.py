@@ -65,7 +65,9 @@ class Tree:
     def pids(self):
         if self._pids is None:
             if self.fresh:
-                self._pids = _outer_pids(self._top)
+                planned = {p["pid"] for p in self.plan["processes"]}
+                found = _outer_pids(self._top)
+                self._pids = {pid: found[pid] for pid in found if pid in planned}
             else:
                 self._pids = {p["pid"]: p["pid"] for p in self.plan["processes"]}
         return self._pids
@@ -124,7 +126,10 @@ def _wait_restorer(pid, from_restorer):
     """Reap the restorer; it tears down first. Bounded: killed if it hangs."""
     deadline = time.monotonic() + TEARDOWN_SECONDS
     while time.monotonic() < deadline:
-        got, _ = os.waitpid(pid, os.WNOHANG)
+        try:
+            got, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped already
         if got == pid:
             return
         select.select([from_restorer], [], [], 0.05)
@@ -454,6 +459,8 @@ class Restorer:
                 return
             what = self.children.pop(got, None)
             code = os.waitstatus_to_exitcode(status)
+            if what is None:
+                continue  # an orphan adopted by the subreaper: its ancestor reports the cause
             if what == "ipc":
                 self.ipc_worker = None
                 if code != 0 and not self.ipc_done:

@@ -365,13 +365,26 @@ def wait_for_go(ctx, script):
 
 
 def _check_children(ctx):
-    try:
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return
-    if info is not None:
+    """A child of ours that died is a failure to report; an orphan adopted here is not.
+
+    An orphan (a task whose parent was killed, reparented to this subreaper
+    or init) dies of PR_SET_PDEATHSIG: its parent's own parent reports the
+    death that caused it, so it is reaped silently.
+    """
+    me = os.getpid()
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
         child = ctx.scripts.get(info.si_pid)
-        raise TaskFailed(child.where() if child else "pid %d" % info.si_pid, IdpinError(
+        if child is not None and child.parent == me:
+            break
+        os.waitpid(info.si_pid, 0)
+    if info is not None:
+        raise TaskFailed(child.where(), IdpinError(
             "died before the restore was verified (%s %d)"
             % ("killed by signal" if info.si_code != os.CLD_EXITED else "exit status",
                info.si_status)))
