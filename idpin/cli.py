@@ -1,4 +1,4 @@
-"""The ``idpin`` command line: doctor, demo, bench."""
+"""The ``idpin`` command line: doctor, demo, bench, restore."""
 import argparse
 import sys
 
@@ -30,6 +30,12 @@ def bench(args, out):
     return suite.main(args.rest, out)
 
 
+def restore(args, out):
+    from .restore import command
+
+    return command.main(args, out)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
     p.add_argument("--version", action="version", version="idpin %s" % __version__)
@@ -41,10 +47,13 @@ def parser():
         add_help=False,
     )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    from .restore import command as restore_command
+
+    restore_command.add_parser(sub)
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench}
+COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "restore": restore}
 
 
 def main(argv=None, out=None):

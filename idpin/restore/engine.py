@@ -385,9 +385,18 @@ class Restorer:
             self.spawn_ipc_worker()
         os.close(self.ctx.status_fd)
         os.close(self.ctx.go_fd)
-        for master, slave in self.pty_fds.values():
-            os.close(master)
+        # A pty whose master no restored process held was held outside the
+        # tree (a terminal, a supervisor): the restorer holds it in its
+        # place, or closing the last master would hang the slaves up.
+        held = {h["pty"] for p in self.plan["processes"] for h in (p.get("fds") or {}).values()
+                if h["end"] == "master"}
+        self.outside_masters = []
+        for index, (master, slave) in self.pty_fds.items():
             os.close(slave)
+            if index in held:
+                os.close(master)
+            else:
+                self.outside_masters.append(master)
 
     def spawn(self, pid):
         try:
