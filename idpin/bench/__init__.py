@@ -2,6 +2,7 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench restore [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
 knob of the host is ever written. Each suite prints its tables, puts its
@@ -29,7 +30,8 @@ def parser():
         prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
-                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side")):
+                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
+                       ("restore", "a whole tree restored and verified, against the same tree forked plainly")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
                            help="a short smoke run that checks correctness invariants only")
@@ -82,8 +84,22 @@ def render_perf(section, out):
     perf.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf}
-RENDER = {"race": race.render, "perf": render_perf}
+def run_restore(args, backends):
+    from . import restore_suite
+
+    rows, seconds = restore_suite.run_suite(args.quick, backends)
+    return {"suite": "restore", "seconds": seconds, "rows": rows,
+            "violations": restore_suite.violations(rows), "targets": restore_suite.targets(rows)}
+
+
+def render_restore(section, out):
+    from . import restore_suite
+
+    restore_suite.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf, "restore": run_restore}
+RENDER = {"race": race.render, "perf": render_perf, "restore": render_restore}
 
 
 def draw(suite, section, out_dir, out):
