@@ -1,4 +1,4 @@
-"""The ``idpin`` command line: doctor, demo, bench, restore."""
+"""The ``idpin`` command line: doctor, demo, bench, capture, restore."""
 import argparse
 import sys
 
@@ -36,6 +36,20 @@ def restore(args, out):
     return command.main(args, out)
 
 
+def capture(args, out):
+    from .errors import IdpinError
+    from .restore import plan
+    from .restore.capture import capture as capture_tree
+
+    try:
+        captured = capture_tree(args.pid, freeze=args.freeze)
+    except IdpinError as err:
+        sys.stderr.write("idpin capture: %s\n" % err)
+        return 1
+    plan.dump(captured, args.output or out)
+    return 0
+
+
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
     p.add_argument("--version", action="version", version="idpin %s" % __version__)
@@ -47,13 +61,19 @@ def parser():
         add_help=False,
     )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    capture_parser = sub.add_parser(
+        "capture", help="write the plan of a live process tree and of this IPC namespace (JSON)")
+    capture_parser.add_argument("pid", type=int, help="the root of the tree")
+    capture_parser.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
+    capture_parser.add_argument("--freeze", action="store_true",
+                                help="stop the tree (SIGSTOP) while it is read, then resume it")
     from .restore import command as restore_command
 
     restore_command.add_parser(sub)
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "restore": restore}
+COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "capture": capture, "restore": restore}
 
 
 def main(argv=None, out=None):

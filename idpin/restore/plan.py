@@ -90,7 +90,8 @@ def _describe(error):
     if kind in ("minimum", "maximum"):
         return "%s is out of range %s..%s" % (_short(value), sub.get("minimum", "-inf"), sub.get("maximum", "inf"))
     if kind in ("maxItems", "maxLength", "maxProperties"):
-        return "has %d entries (characters); at most %d are allowed" % (len(value), error.validator_value)
+        unit = "characters" if kind == "maxLength" else "entries"
+        return "has %d %s; at most %d are allowed" % (len(value), unit, error.validator_value)
     if kind in ("minItems",):
         return "must not be empty"
     if kind in ("enum", "const"):
@@ -201,9 +202,10 @@ def _check_sessions(procs, where, tids):
             if leader["sid"] != sid:
                 _refuse(_proc(i, "pgid"), "the leader of group %d, %s, is alive in session %d, not in this process's session %d"
                         % (pgid, _proc(where[pgid]), leader["sid"], sid))
-        if pgid in sessions and sid != pgid:
+        if pgid and pgid in sessions and sid != pgid:
             _refuse(_proc(i, "pgid"), "group %d belongs to session %d (its leader led both), not to session %d" % (pgid, pgid, sid))
-        group_sid, first = groups.setdefault(pgid, (sid, i))
+        # 0: a group outside the pid namespace, maybe a different one each.
+        group_sid, first = groups.setdefault(pgid, (sid, i)) if pgid else (sid, i)
         if group_sid != sid:
             _refuse(_proc(i, "sid"), "%d differs from the session %d of its group %d (%s): a group lies in one session"
                     % (sid, group_sid, pgid, _proc(first)))
