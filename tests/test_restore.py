@@ -61,7 +61,7 @@ def rich_plan(root=1):
             {"kind": "msg", "id": MSG, "key": 0x1234, "mode": 0o640,
              "messages": [{"type": 1, "data": _b64(b"first")}, {"type": 9, "data": _b64(b"")},
                           {"type": 2, "data": _b64(b"third \x00 message")}]},
-            {"kind": "shm", "id": SHM, "key": 0, "mode": 0o600, "size": 4096, "data": _b64(SHM_BYTES)},
+            {"kind": "shm", "id": SHM, "key": 0, "mode": 0o600, "size": 4096, "data": _b64(SHM_BYTES.ljust(4096, b"\0"))},
         ],
         "ptys": [{"index": 2}],
     }
@@ -286,3 +286,89 @@ def test_bad_plan_refused_before_any_side_effect():
     with pytest.raises(idpin.RequestError):
         idpin.restore.restore(rich_plan(root=50), workers=0)
     assert _processes_other_than() == []
+
+
+@as_root_and_nobody
+def test_round_trip_capture_teardown_restore_capture(uid):
+    from idpin.restore import plan as plan_format
+
+    planned = rich_plan(root=50)
+    with idpin.restore.restore(planned, here=True):
+        first = idpin.restore.capture(50)
+    # What was captured is what was planned (a restored skeleton has the
+    # restorer's cmdline), and nothing of it is left once torn down.
+    assert plan_format.comparable(first, ignore=("cmdline",)) == \
+        plan_format.comparable(planned, ignore=("cmdline",))
+    assert _processes_other_than() == []
+    with idpin.restore.restore(first, here=True, workers=2):
+        second = idpin.restore.capture(50)
+    assert plan_format.comparable(second) == plan_format.comparable(first)
+
+
+def test_cli_restore_execs_each_cmdline_and_holds_until_the_root_exits(tmp_path):
+    import io
+
+    from idpin import cli
+
+    path = tmp_path / "plan.json"
+    marker = tmp_path / "ran"
+    plan = {"idpin_plan": 1, "root": 1, "processes": [
+        dict(proc(1, 0, 1, 1), cmdline=["/bin/sh", "-c", "sleep 0.3"]),
+        dict(proc(7, 1, 7, 7), cmdline=["/bin/sh", "-c", "echo $$ > %s; sleep 30" % marker]),
+    ]}
+    path.write_text(json.dumps(plan))
+    os.chmod(tmp_path, 0o777)
+    out = io.StringIO()
+    assert cli.main(["restore", str(path), "--exec", "--workers", "2"], out=out) == 0
+    text = out.getvalue()
+    assert "restored 2 processes" in text and "root: " in text and "plainly" in text
+    assert marker.read_text().strip() == "7"  # the pid it was restored with, seen by itself
+    assert _processes_other_than() == []
+
+
+def test_cli_restore_refuses_a_bad_plan(tmp_path, capsys):
+    from idpin import cli
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"idpin_plan": 1, "root": 1, "processes": []}))
+    assert cli.main(["restore", str(path)]) == 2
+    assert _processes_other_than() == []
+
+
+@pytest.mark.host
+def test_bench_restore_quick_every_restore_verified_nothing_left(tmp_path):
+    import io
+
+    from idpin import cli
+
+    out = io.StringIO()
+    status = cli.main(["bench", "restore", "--quick", "--out", str(tmp_path)], out=out)
+    with open(tmp_path / "results.json") as f:
+        section = json.load(f)["restore"]
+    assert status == 0, out.getvalue()
+    assert section["ok"] and section["violations"] == []
+    shapes = {row["shape"] for row in section["rows"] if row["kind"] == "tree"}
+    assert shapes == {"flat", "binary", "chain", "mix"}
+    for row in section["rows"]:
+        if row["kind"] == "tree":
+            assert row["c_floor"] > 0 and row["py_floor"] > 0
+            assert row["restore_w1"] > 0 and row["restore_w2"] > 0
+        else:
+            assert row["plain"] > 0 and row["restore"] > 0
+
+
+@pytest.mark.host
+def test_bench_restore_mix_has_sessions_groups_and_dead_leaders():
+    from idpin.bench import restore_suite
+
+    plan = restore_suite.tree_plan("mix", 1000)
+    idpin.restore.validate(plan)
+    pids = {p["pid"] for p in plan["processes"]}
+    sids = {p["sid"] for p in plan["processes"]}
+    pgids = {p["pgid"] for p in plan["processes"]}
+    assert len(plan["processes"]) == 1000
+    assert len(sids) > 10 and len(pgids) > 100
+    dead = (sids | pgids) - pids
+    assert 0.05 < len(dead) / len(sids | pgids) < 0.15  # about 10 % dead leaders
+    first, children = restore_suite.floor_shape(plan)
+    assert len(children) == 999 and first[-1] == 999

@@ -8,6 +8,7 @@
 ``load``/``validate``/``dump`` read, check and write plan documents
 (idpin.restore.plan); ``restore`` is idpin.restore.engine's.
 """
+from .capture import capture  # the function: it shadows its module's name here
 from .engine import Restore, Tree
 from .plan import dump, load, validate
 
@@ -33,13 +34,6 @@ def restore(plan, *, workers=1, here=False, target=None, timeout=None, progress=
                    progress=progress)
 
 
-def capture(pid, freeze=False):
-    """A plan of the live tree rooted at ``pid`` and its IPC namespace (idpin.restore.capture)."""
-    from .capture import capture as capture_tree
-
-    return capture_tree(pid, freeze=freeze)
-
-
-for _name in ("restore", "capture", "Restore", "Tree"):
+for _name in ("restore", "Restore", "Tree"):
     globals()[_name].__module__ = "idpin.restore"
 del _name
