@@ -15,6 +15,7 @@ reparented to it, never to the host's init.
 """
 import base64
 import errno
+import gc
 import os
 import pickle
 import select
@@ -376,6 +377,11 @@ class Restorer:
     # -- the tree
 
     def launch(self):
+        # Every task is a fork of this process: with the collector off and
+        # the heap frozen, no task's collection writes to pages it shares
+        # (copy-on-write would copy them, thousands of times over).
+        gc.disable()
+        gc.freeze()
         script = self.layout.restorer
         for pid in script.standins:
             self.spawn(pid)

@@ -17,6 +17,7 @@ Every wait is bounded by the restore's deadline (CLOCK_MONOTONIC is one
 clock for all processes).
 """
 import errno
+import gc
 import os
 import pickle
 import select
@@ -391,6 +392,7 @@ def _check_children(ctx):
 
 
 def run_target(ctx, script):
+    gc.enable()  # the restorer turned it off for the restore (copy-on-write)
     try:
         ctx.target(script.entry)
     except BaseException:
