@@ -372,3 +372,31 @@ def test_bench_restore_mix_has_sessions_groups_and_dead_leaders():
     assert 0.05 < len(dead) / len(sids | pgids) < 0.15  # about 10 % dead leaders
     first, children = restore_suite.floor_shape(plan)
     assert len(children) == 999 and first[-1] == 999
+
+
+def test_a_killed_restorer_takes_the_whole_tree_with_it():
+    from helpers import wait_until
+
+    plan = rich_plan(root=50)
+    del plan["ipc"]  # here, objects of a killed IPC worker would stay: see the restorer's notes
+
+    def kill_the_restorer(step, pid):
+        if (step, pid) == ("forked", 100):
+            os.kill(int(open("/proc/50/stat").read().split(")")[1].split()[1]), signal.SIGKILL)
+    restore_workers.fault = kill_the_restorer
+    try:
+        with pytest.raises(idpin.IdpinError, match="the restorer died"):
+            with idpin.restore.restore(plan, here=True, timeout=20):
+                pytest.fail("the restore must not succeed")
+    finally:
+        restore_workers.fault = None
+
+    def all_gone():
+        # This test is pid 1 here: the tree's orphans come to it, to be reaped.
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        return _processes_other_than() == []
+    assert wait_until(all_gone, timeout=10)
