@@ -14,7 +14,6 @@ The restorer is the tree's subreaper: a task whose parent dies is
 reparented to it, never to the host's init.
 """
 import base64
-import errno
 import gc
 import os
 import pickle

@@ -59,11 +59,12 @@ class Script:
     members: list = dataclasses.field(default_factory=list)   # group stand-in: who joins
 
     def where(self):
-        """The plan path of this task, for error messages."""
+        """The plan entry this task restores (or what it stands for), for error messages."""
         if self.role == "process":
             return "processes[%d] (pid %d)" % (self.index, self.pid)
-        return "the %s stand-in %d" % (self.role, self.pid) if self.role in ("session", "group") \
-            else "idpin's %s %d" % (self.role, self.pid)
+        if self.role in ("session", "group"):
+            return "the %s stand-in %d" % (self.role, self.pid)
+        return "idpin's %s %d" % (self.role, self.pid)
 
 
 @dataclasses.dataclass
