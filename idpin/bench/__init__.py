@@ -87,7 +87,11 @@ def render_perf(section, out):
 def run_restore(args, backends):
     from . import restore_suite
 
-    rows, seconds = restore_suite.run_suite(args.quick, backends)
+    def checkpoint(rows):
+        # A full run takes long on a shared machine: keep what is measured so far.
+        write_results(args.out, "restore", {"suite": "restore", "partial": True, "rows": list(rows)})
+
+    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint)
     return {"suite": "restore", "seconds": seconds, "rows": rows,
             "violations": restore_suite.violations(rows), "targets": restore_suite.targets(rows)}
 

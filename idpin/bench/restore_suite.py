@@ -34,7 +34,7 @@ from . import floor as floor_build
 from .measure import Progress, median
 from .report import table
 
-SHAPES = ("flat", "binary", "chain", "mix")
+SHAPES = ("flat", "mix", "binary", "chain")
 FULL_SIZES, QUICK_SIZES = (1000, 10000), (40,)
 FULL_WORKERS, QUICK_WORKERS = (1, 2, 4), (1, 2)
 REPEATS = {1000: 1, 10000: 1, 40: 1}  # one run per cell: a full run takes about an hour on a shared 2-core machine
@@ -43,6 +43,7 @@ FULL_IPC, QUICK_IPC = 10000, 30
 TARGET_VS_C_FLOOR = 1.5      # 10,000 tasks, W = 2, restore time / C floor time at most
 TARGET_SCALING = 1.7         # W = 1 -> 2 on wide (flat) trees, speedup at least
 NAMESPACE_TIMEOUT = 1800.0
+RESTORE_TIMEOUT = 1200.0
 SESSION_SIZE, GROUP_SIZE, DEAD_EVERY = 50, 5, 10
 
 
@@ -131,7 +132,7 @@ def measure_restore(plan, workers):
     from .. import restore
 
     started = time.perf_counter()
-    with restore.restore(plan, workers=workers) as tree:
+    with restore.restore(plan, workers=workers, timeout=RESTORE_TIMEOUT) as tree:
         elapsed = time.perf_counter() - started
         assert tree.report["processes"] == len(plan["processes"])
     return elapsed
@@ -218,7 +219,7 @@ def measure_ipc_restore(plan):
     from .. import restore
 
     started = time.perf_counter()
-    with restore.restore(plan):
+    with restore.restore(plan, timeout=RESTORE_TIMEOUT):
         elapsed = time.perf_counter() - started
     return elapsed
 
@@ -252,8 +253,12 @@ def in_namespaces(measure, backend, *args):
 
 # -- the suite ---------------------------------------------------------------
 
-def run_suite(quick, backends):
-    """Rows of measurements; (rows, seconds)."""
+def run_suite(quick, backends, checkpoint=None):
+    """Rows of measurements; (rows, seconds). ``checkpoint(rows)`` after each row.
+
+    The largest trees first (the issue's targets are theirs), the deep chain
+    last: a run cut short still has the numbers that matter most.
+    """
     backend = "cython" if "cython" in backends else backends[0]
     sizes = QUICK_SIZES if quick else FULL_SIZES
     worker_counts = QUICK_WORKERS if quick else FULL_WORKERS
@@ -263,15 +268,17 @@ def run_suite(quick, backends):
         shared, workdir, floor_missing = None, None, str(err)
     else:
         floor_missing = None
-    cells = [(size, shape) for size in sizes for shape in SHAPES]
+    cells = [(size, shape) for size in sorted(sizes, reverse=True) for shape in SHAPES]
     progress = Progress("restore", len(cells) + 1)
     rows = []
     try:
-        for size, shape in cells:
-            progress.step("%s %d" % (shape, size))
-            rows.append(tree_row(backend, shape, size, worker_counts, shared, quick))
         progress.step("ipc")
         rows.append(ipc_row(backend, QUICK_IPC if quick else FULL_IPC, quick))
+        for size, shape in cells:
+            if checkpoint is not None:
+                checkpoint(rows)
+            progress.step("%s %d" % (shape, size))
+            rows.append(tree_row(backend, shape, size, worker_counts, shared, quick))
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -24,7 +24,7 @@ def restore(plan, *, workers=1, here=False, target=None, timeout=None, progress=
     user+pid+ipc+mount ones (where a root with pid 1 is their init).
     target: target(entry) runs in each restored process once the whole
     tree is verified; without it the processes wait until torn down.
-    timeout: seconds the restore may take (default: 30 + 5 ms per item).
+    timeout: seconds the restore may take (default: 30 + 50 ms per task and object).
     progress: progress(done, total), called in this process as tasks report.
 
     Any failure tears everything down (no process, IPC object or pty left)

@@ -27,9 +27,10 @@ from ..interpose import ORIGINALS
 from . import tree, workers
 from .workers import FAILED, IPC_DONE, READY
 
-# Seconds a restore may take: a base, plus this much per task and IPC object.
+# Seconds a restore may take: a base, plus this much per task and IPC object
+# (generous: a loaded 2-core machine forks a Python process in ~10 ms).
 BASE_TIMEOUT = 30.0
-PER_ITEM_TIMEOUT = 0.005
+PER_ITEM_TIMEOUT = 0.05
 # How often the restorer tells the caller how far it got.
 PROGRESS_EVERY = 0.1
 # Bounded waits of the teardown.
