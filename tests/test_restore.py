@@ -400,3 +400,54 @@ def test_a_killed_restorer_takes_the_whole_tree_with_it():
             pass
         return _processes_other_than() == []
     assert wait_until(all_gone, timeout=10)
+
+
+# -- the _sys entries the restore added (both backends) ---------------------------
+
+def test_clone3_sibling_makes_a_child_of_the_callers_parent():
+    from helpers import reap
+
+    me = os.getpid()
+    helper = idpin.fork(pid=500)
+    if helper == 0:
+        # The helper makes 501 a child of its own parent (this test), then leaves.
+        child = _sys.clone3_sibling((501,), _sys.tid_cache_offset())
+        if child == 0:
+            os._exit(0 if os.getppid() == me else 1)
+        os._exit(0 if child == 501 else 2)
+    assert reap(helper) == 0
+    assert reap(501) == 0  # ours to reap: it is this process's child
+    with pytest.raises(OSError) as caught:
+        _sys.clone3_sibling((502,), _sys.tid_cache_offset())  # pid 1 of its namespace: EINVAL
+    assert caught.value.errno == 22
+
+
+def test_sysv_content_writers_fill_and_refuse():
+    import errno
+
+    sem = _sys.ipc_get(_sys.SEM, 0, 3, 0o1600)
+    msg = _sys.ipc_get(_sys.MSG, 0, 0, 0o1600)
+    shm = _sys.ipc_get(_sys.SHM, 0, 4096, 0o1600)
+    try:
+        _sys.ipc_sem_setall(sem, [5, 0, 32767])
+        assert list(_sys.sem_getall(sem)) == [5, 0, 32767]
+        with pytest.raises(OverflowError):
+            _sys.ipc_sem_setall(sem, [1, 2, 70000])
+        with pytest.raises(OSError) as caught:
+            _sys.ipc_sem_setall(sem, [1, 2, 32768])  # above SEMVMX
+        assert caught.value.errno == errno.ERANGE
+        _sys.ipc_msg_send(msg, 4, b"abc\x00")
+        assert tuple(_sys.msg_copy(msg, 0, 64)) == (4, b"abc\x00")
+        with pytest.raises(OSError) as caught:
+            _sys.ipc_msg_send(msg, 0, b"x")  # a message type must be > 0
+        assert caught.value.errno == errno.EINVAL
+        _sys.ipc_shm_write(shm, b"\x01\x02")
+        assert bytes(_sys.shm_read(shm, 4096))[:3] == b"\x01\x02\x00"
+        with pytest.raises(OSError):
+            _sys.ipc_shm_write(2 ** 30, b"x")
+        from test_sys_leaks import run_many
+        run_many(lambda: _sys.ipc_sem_setall(sem, [1, 2, 3]), calls=1000)
+        run_many(lambda: _sys.ipc_shm_write(shm, b"y" * 100), calls=1000)
+    finally:
+        for kind, id in ((_sys.SEM, sem), (_sys.MSG, msg), (_sys.SHM, shm)):
+            _sys.ipc_remove(kind, id)
