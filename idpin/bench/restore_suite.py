@@ -35,10 +35,10 @@ from .measure import Progress, median
 from .report import table
 
 SHAPES = ("flat", "mix", "binary", "chain")
-FULL_SIZES, QUICK_SIZES = (1000, 10000), (40,)
+FULL_SIZES, QUICK_SIZES = (1000, 10000), (20,)
 FULL_WORKERS, QUICK_WORKERS = (1, 2, 4), (1, 2)
-REPEATS = {1000: 1, 10000: 1, 40: 1}  # one run per cell: a full run takes about an hour on a shared 2-core machine
-FULL_IPC, QUICK_IPC = 10000, 30
+REPEATS = {1000: 1, 10000: 1, 20: 1}  # one run per cell: a full run takes about an hour on a shared 2-core machine
+FULL_IPC, QUICK_IPC = 10000, 20
 # Targets of issue 8.
 TARGET_VS_C_FLOOR = 1.5      # 10,000 tasks, W = 2, restore time / C floor time at most
 TARGET_SCALING = 1.7         # W = 1 -> 2 on wide (flat) trees, speedup at least

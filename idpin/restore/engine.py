@@ -293,7 +293,7 @@ class Restorer:
 
     def run(self):
         started = time.monotonic()
-        workers.arm_parent_death("the restorer", self.caller)
+        workers.arm_parent_death(self.caller)
         _sys.prctl(_sys.PR_SET_CHILD_SUBREAPER, 1)
         failure = None
         try:
@@ -652,7 +652,7 @@ def _fdinfo_tty_index(pid, number):
 
 def ipc_worker(ctx, plan, fresh):
     """Create the plan's SysV objects with their ids (one create_many) and fill them."""
-    workers.arm_parent_death("the IPC worker", ctx.restorer_pid)
+    workers.arm_parent_death(ctx.restorer_pid)
     for fd in ctx.restorer_fds + (ctx.go_fd,):
         os.close(fd)
     for master, slave in ctx.pty_fds.values():

@@ -179,6 +179,8 @@ def serve(ctx, pid, work=None):
         except _Born as born:
             pid, work = born.pid, born.work
             continue
+        except _Orphaned:
+            break
         except BaseException as err:
             where = ctx.scripts[pid].where() if work is None else "idpin's helper %d" % pid
             report_failure(ctx, pid, where, err)
@@ -193,21 +195,28 @@ def _step(step, pid):
         fault(step, pid)
 
 
-def arm_parent_death(where, parent):
+class _Orphaned(BaseException):
+    """The parent died before PR_SET_PDEATHSIG took effect: leave without a report.
+
+    The parent's death is the failure; whoever sees it (its own parent, the
+    restorer) names it. A report from here would race that one.
+    """
+
+
+def arm_parent_death(parent):
     """SIGKILL this process when its parent dies (a killed restorer takes its tree with it).
 
     The parent may have died before the prctl took effect: check it.
     """
     _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
-        raise TaskFailed(where, IdpinError(
-            "its parent %d is gone (getppid() is %d)" % (parent, os.getppid())))
+        raise _Orphaned()
 
 
 def run_script(ctx, script):
     _step("born", script.pid)
     forked_by_restorer = script.parent == RESTORER
-    arm_parent_death(script.where(), ctx.restorer_pid if forked_by_restorer else script.parent)
+    arm_parent_death(ctx.restorer_pid if forked_by_restorer else script.parent)
     if forked_by_restorer:
         for fd in ctx.restorer_fds:
             os.close(fd)
@@ -255,7 +264,7 @@ def run_script(ctx, script):
 def start_helper(ctx, script, candidates, chunk):
     """A helper creating part of a wide level with CLONE_PARENT, in parallel with us."""
     def create_chunk():
-        arm_parent_death("idpin's helper %d" % os.getpid(), script.pid)
+        arm_parent_death(script.pid)
         _step("helper", os.getpid())
         for pid in chunk:
             fork_task(ctx, pid, ctx.scripts[pid].where(), sibling=True)
