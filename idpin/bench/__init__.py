@@ -38,6 +38,9 @@ def parser():
         suite.add_argument("--plot", action="store_true", help="also draw PNG charts (needs matplotlib)")
         suite.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                            help="where results.json and the charts go (default: %(default)s)")
+        if name == "restore":
+            suite.add_argument("--sizes", metavar="N,N", help="tree sizes (default: 1000,10000)")
+            suite.add_argument("--shapes", metavar="S,S", help="tree shapes (default: flat,mix,binary,chain)")
     return p
 
 
@@ -91,7 +94,9 @@ def run_restore(args, backends):
         # A full run takes long on a shared machine: keep what is measured so far.
         write_results(args.out, "restore", {"suite": "restore", "partial": True, "rows": list(rows)})
 
-    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint)
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else None
+    shapes = tuple(args.shapes.split(",")) if args.shapes else None
+    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint, sizes, shapes)
     return {"suite": "restore", "seconds": seconds, "rows": rows,
             "violations": restore_suite.violations(rows), "targets": restore_suite.targets(rows)}
 

@@ -253,14 +253,18 @@ def in_namespaces(measure, backend, *args):
 
 # -- the suite ---------------------------------------------------------------
 
-def run_suite(quick, backends, checkpoint=None):
+def run_suite(quick, backends, checkpoint=None, sizes=None, shapes=None):
     """Rows of measurements; (rows, seconds). ``checkpoint(rows)`` after each row.
 
     The largest trees first (the issue's targets are theirs), the deep chain
     last: a run cut short still has the numbers that matter most.
     """
     backend = "cython" if "cython" in backends else backends[0]
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+    sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
+    unknown = set(shapes or ()) - set(SHAPES)
+    if unknown:
+        raise SystemExit("idpin bench restore: unknown shapes %s (known: %s)"
+                         % (", ".join(sorted(unknown)), ", ".join(SHAPES)))
     worker_counts = QUICK_WORKERS if quick else FULL_WORKERS
     try:
         shared, workdir = floor_build.build("tree_floor")
@@ -268,12 +272,13 @@ def run_suite(quick, backends, checkpoint=None):
         shared, workdir, floor_missing = None, None, str(err)
     else:
         floor_missing = None
-    cells = [(size, shape) for size in sorted(sizes, reverse=True) for shape in SHAPES]
+    cells = [(size, shape) for size in sorted(sizes, reverse=True) for shape in shapes or SHAPES]
     progress = Progress("restore", len(cells) + 1)
     rows = []
     try:
-        progress.step("ipc")
-        rows.append(ipc_row(backend, QUICK_IPC if quick else FULL_IPC, quick))
+        if shapes is None:
+            progress.step("ipc")
+            rows.append(ipc_row(backend, QUICK_IPC if quick else FULL_IPC, quick))
         for size, shape in cells:
             if checkpoint is not None:
                 checkpoint(rows)
