@@ -26,6 +26,7 @@ cdef extern from "compat.h" nogil:
         SYS_set_robust_list
         CLONE_CHILD_SETTID
         CLONE_CHILD_CLEARTID
+        CLONE_PARENT
         MAX_PID_NS_LEVEL
 
         TIOCGPTN
@@ -36,6 +37,8 @@ cdef extern from "compat.h" nogil:
         SEM_STAT_ANY
         SHM_STAT_ANY
         MSG_STAT_ANY
+        SETALL
+        IPC_NOWAIT
 
     ctypedef int key_t
 
@@ -53,6 +56,9 @@ cdef extern from "compat.h" nogil:
     int semctl(int semid, int semnum, int cmd, ...)
     int shmctl(int shmid, int cmd, shmid_ds *buf)
     int msgctl(int msqid, int cmd, msqid_ds *buf)
+    int msgsnd(int msqid, const void *msgp, size_t msgsz, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
     int ioctl(int fd, unsigned long request, ...)
 

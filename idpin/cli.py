@@ -116,6 +116,23 @@ def capture(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# -- restore -------------------------------------------------------------------------------
+
+def restore_arguments(p: argparse.ArgumentParser) -> None:
+    from .restore import command as restore_command
+
+    restore_command.add_arguments(p)
+
+
+@command("restore", "recreate a plan's process tree with exactly its ids", restore_arguments,
+         "Recreate a plan's process tree, IPC objects and ptys with exactly its ids, verify "
+         "every id, then hold the tree.")
+def restore(args: argparse.Namespace, out: TextIO) -> int:
+    from .restore import command as restore_command
+
+    return restore_command.main(args, out)
+
+
 # -- the parser and the entry point --------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:

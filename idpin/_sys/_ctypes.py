@@ -55,7 +55,9 @@ def _clone_args(set_tid, flags=0, child_tid=0):
     args = _CloneArgs(
         flags=flags,
         child_tid=child_tid,
-        exit_signal=signal.SIGCHLD,
+        # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+        # then takes the caller's own, which is SIGCHLD for a forked caller.
+        exit_signal=0 if flags & _abi.CLONE_PARENT else signal.SIGCHLD,
         set_tid=ctypes.addressof(tids),
         set_tid_size=len(set_tid),
     )
@@ -77,11 +79,26 @@ def clone3_fork(set_tid, tid_offset):
     Returns 0 in the child and the child's pid in the parent. The GIL is held
     throughout (PyDLL), as os.fork holds it across fork().
     """
+    return _clone3_fork(set_tid, tid_offset, 0)
+
+
+def clone3_sibling(set_tid, tid_offset):
+    """clone3_fork with CLONE_PARENT: the child is the caller's sibling.
+
+    Its parent is the caller's parent (which reaps it and gets its SIGCHLD),
+    so several helpers can create one parent's children in parallel. The init
+    of a pid namespace cannot do this (EINVAL). Returns 0 in the child and
+    the child's pid in the caller.
+    """
+    return _clone3_fork(set_tid, tid_offset, _abi.CLONE_PARENT)
+
+
+def _clone3_fork(set_tid, tid_offset, extra_flags):
     from ._glibc import pthread_self
 
     tid_cache = pthread_self() + tid_offset
     args, tids = _clone_args(
-        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID, tid_cache
+        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID | extra_flags, tid_cache
     )
     head, size = _get_robust_list()
     # Python code runs between these C calls here: a signal handler raising
@@ -355,6 +372,7 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     return got
 
 
+<<<<<<< HEAD
 class _MqAttr(ctypes.Structure):
     _fields_ = [("mq_flags", ctypes.c_long), ("mq_maxmsg", ctypes.c_long),
                 ("mq_msgsize", ctypes.c_long), ("mq_curmsgs", ctypes.c_long)]
@@ -416,6 +434,44 @@ def record_remove(name):
         code = ctypes.get_errno()
         if code != errno.ENOENT:
             raise OSError(code, os.strerror(code), name)
+=======
+_libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.shmat.restype = ctypes.c_void_p
+_libc.shmdt.argtypes = [ctypes.c_void_p]
+
+
+def ipc_sem_setall(id, values):
+    """semctl(id, 0, SETALL): every semaphore of the set at once."""
+    array = (ctypes.c_ushort * max(len(values), 1))()
+    for i, value in enumerate(values):
+        if not 0 <= value <= 0xFFFF:
+            raise OverflowError("semaphore value %d does not fit an unsigned short" % value)
+        array[i] = value
+    if _libc.semctl(ctypes.c_int(id), ctypes.c_int(0), ctypes.c_int(_abi.SETALL), array) < 0:
+        raise _oserror("semctl(SETALL)", "id %d" % id)
+
+
+def ipc_msg_send(id, mtype, data):
+    """msgsnd(id, {mtype, data}, IPC_NOWAIT): a full queue is EAGAIN, never a wait."""
+    body = bytes(data)
+    message = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + max(len(body), 1))
+    ctypes.c_long.from_buffer(message).value = mtype
+    ctypes.memmove(ctypes.addressof(message) + ctypes.sizeof(ctypes.c_long), body, len(body))
+    while _libc.msgsnd(id, message, len(body), _abi.IPC_NOWAIT) != 0:
+        if ctypes.get_errno() != errno.EINTR:
+            raise _oserror("msgsnd", "id %d" % id)
+
+
+def ipc_shm_write(id, data):
+    """Copy ``data`` to the start of segment ``id`` (shmat, memcpy, shmdt)."""
+    body = bytes(data)
+    at = _libc.shmat(id, None, 0)
+    if at is None or at == ctypes.c_void_p(-1).value:
+        raise _oserror("shmat", "id %d" % id)
+    ctypes.memmove(at, body, len(body))
+    _libc.shmdt(ctypes.c_void_p(at))
+>>>>>>> restore
 
 
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
