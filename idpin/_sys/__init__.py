@@ -55,15 +55,12 @@ INTERFACE = (
     "pty_index",
     "pty_peer",
     "ptmx_walk",
-<<<<<<< HEAD
     "sigaction",
-=======
     # the parallel restore (idpin.restore)
     "clone3_sibling",
     "ipc_sem_setall",
     "ipc_msg_send",
     "ipc_shm_write",
->>>>>>> restore
 )
 
 BACKENDS = ("cython", "ctypes")

@@ -372,7 +372,6 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     return got
 
 
-<<<<<<< HEAD
 class _MqAttr(ctypes.Structure):
     _fields_ = [("mq_flags", ctypes.c_long), ("mq_maxmsg", ctypes.c_long),
                 ("mq_msgsize", ctypes.c_long), ("mq_curmsgs", ctypes.c_long)]
@@ -434,7 +433,6 @@ def record_remove(name):
         code = ctypes.get_errno()
         if code != errno.ENOENT:
             raise OSError(code, os.strerror(code), name)
-=======
 _libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.shmat.restype = ctypes.c_void_p
@@ -471,7 +469,6 @@ def ipc_shm_write(id, data):
         raise _oserror("shmat", "id %d" % id)
     ctypes.memmove(at, body, len(body))
     _libc.shmdt(ctypes.c_void_p(at))
->>>>>>> restore
 
 
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
