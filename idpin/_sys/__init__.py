@@ -37,6 +37,17 @@ INTERFACE = (
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    "seccomp_listen",
+    "seccomp_notif_sizes",
+    "seccomp_action_avail",
+    "notif_recv",
+    "notif_send",
+    "notif_id_valid",
+    "notif_addfd",
+    "notif_set_flags",
+    "notif_loop",
+    "process_vm_read",
+    "pidfd_getfd",
 )
 
 BACKENDS = ("cython", "ctypes")
