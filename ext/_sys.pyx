@@ -771,11 +771,12 @@ def notif_id_valid(fd, id):
     raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID", code)
 
 
-def notif_addfd(fd, id, srcfd, newfd, flags):
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
     """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
 
     flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
-    (also answer the call with that number, atomically).
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
     """
     cdef int cfd = _c_int(fd)
     cdef seccomp_notif_addfd add
@@ -785,6 +786,7 @@ def notif_addfd(fd, id, srcfd, newfd, flags):
     add.flags = flags
     add.srcfd = srcfd
     add.newfd = newfd
+    add.newfd_flags = newfd_flags
     with nogil:
         rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add)
         code = errno
@@ -808,30 +810,38 @@ def notif_set_flags(fd, flags):
 cdef enum LoopEnd:
     LOOP_NOTIFIED
     LOOP_STOPPED
+    LOOP_EXTRA
     LOOP_FAILED
 
 
-cdef int _loop(int fd, int stop_fd, uint32_t *control, seccomp_notif *n, int *err) noexcept nogil:
+cdef int _loop(int fd, int stop_fd, int extra_fd, uint32_t *control, seccomp_notif *n,
+               int *err) noexcept nogil:
     # Receive eagerly (a trapped call sleeps interruptibly until received: a
     # signal then would fail it), answer CONTINUE here for calls nobody asked
     # anything of, and hand the others back. poll first: a blocked RECV would
     # not wake when the last target exits or when we are told to stop.
-    cdef pollfd fds[2]
-    cdef int answered
+    cdef pollfd fds[3]
     fds[0].fd = fd
     fds[0].events = POLLIN
     fds[1].fd = stop_fd
     fds[1].events = POLLIN
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds[2].fd = extra_fd
+    fds[2].events = POLLIN
     while True:
         fds[0].revents = 0
         fds[1].revents = 0
-        if poll(fds, 2, -1) < 0:
+        fds[2].revents = 0
+        if poll(fds, 3, -1) < 0:
             if errno == EINTR:
                 continue
             err[0] = errno
             return LOOP_FAILED
         if fds[1].revents:
             return LOOP_STOPPED
+        if fds[2].revents:
+            return LOOP_EXTRA
         if not (fds[0].revents & POLLIN):
             # POLLHUP: every task using the filter is gone.
             return LOOP_STOPPED
@@ -849,9 +859,10 @@ cdef int _loop(int fd, int stop_fd, uint32_t *control, seccomp_notif *n, int *er
         return LOOP_NOTIFIED
 
 
-def notif_loop(fd, stop_fd, control):
-    """Receive until a call needs idpin: its notification tuple, or None when
-    ``stop_fd`` is readable or no target is left.
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
 
     ``control`` is a writable buffer of 4 uint32 read on every notification:
     [0] nonzero = answer CONTINUE here for every call of arch [3] whose
@@ -859,6 +870,7 @@ def notif_loop(fd, stop_fd, control):
     """
     cdef int cfd = _c_int(fd)
     cdef int cstop = _c_int(stop_fd)
+    cdef int cextra = _c_int(extra_fd)
     cdef unsigned char[::1] view = control
     if view.shape[0] < 16:
         raise ValueError("the loop control buffer needs 4 uint32")
@@ -867,9 +879,11 @@ def notif_loop(fd, stop_fd, control):
     cdef int err = 0
     cdef int end
     with nogil:
-        end = _loop(cfd, cstop, ctl, &n, &err)
+        end = _loop(cfd, cstop, cextra, ctl, &n, &err)
     if end == LOOP_STOPPED:
         return None
+    if end == LOOP_EXTRA:
+        return ()
     if end == LOOP_FAILED:
         raise _oserror("seccomp notification loop", err)
     return _notification(&n)

@@ -13,14 +13,15 @@ from . import pids, tids, ipc, pty  # noqa: E402  (each registers its kind)
 from .pids import fork
 from .probe import Capability, probe
 from .interpose import stdlib as _stdlib
+from .interpose.supervisor import Supervisor
 
 __version__ = "0.1.0"
 __all__ = [
     "Capability", "IdBusyError", "IdpinError", "Request", "RequestError",
-    "UnsupportedError", "fork", "ipc", "probe", "pty", "request",
+    "Supervisor", "UnsupportedError", "fork", "ipc", "probe", "pty", "request",
 ]
 
-for _name in ("Request", "request", "fork", "probe", "Capability"):
+for _name in ("Request", "request", "fork", "probe", "Capability", "Supervisor"):
     globals()[_name].__module__ = "idpin"
 
 _stdlib.install()

@@ -441,13 +441,14 @@ def notif_id_valid(fd, id):
     raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID")
 
 
-def notif_addfd(fd, id, srcfd, newfd, flags):
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
     """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
 
     flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
-    (also answer the call with that number, atomically).
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
     """
-    add = _NotifAddfd(id, flags, srcfd, newfd, 0)
+    add = _NotifAddfd(id, flags, srcfd, newfd, newfd_flags)
     got = _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_ADDFD, ctypes.byref(add))
     if got < 0:
         raise _oserror("SECCOMP_IOCTL_NOTIF_ADDFD", "id %d" % id)
@@ -467,26 +468,34 @@ class _Pollfd(ctypes.Structure):
 _POLLIN = 1
 
 
-def notif_loop(fd, stop_fd, control):
-    """Receive until a call needs idpin: its notification tuple, or None when
-    ``stop_fd`` is readable or no target is left.
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
 
     ``control`` is a writable buffer of 4 uint32 read on every notification:
     [0] nonzero = answer CONTINUE here for every call of arch [3] whose
     syscall number is not [2]; [1] counts those answers.
     """
     ctl = (ctypes.c_uint32 * 4).from_buffer(control)
-    fds = (_Pollfd * 2)(_Pollfd(fd, _POLLIN, 0), _Pollfd(stop_fd, _POLLIN, 0))
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds = (_Pollfd * 3)(_Pollfd(fd, _POLLIN, 0), _Pollfd(stop_fd, _POLLIN, 0),
+                        _Pollfd(extra_fd, _POLLIN, 0))
     n = _Notif()
     while True:
-        fds[0].revents = fds[1].revents = 0
+        fds[0].revents = fds[1].revents = fds[2].revents = 0
         # poll first: a blocked RECV would not wake when the last target
         # exits or when we are told to stop. CDLL calls release the GIL.
-        if _poll(fds, 2, -1) < 0:
+        if _poll(fds, 3, -1) < 0:
             if ctypes.get_errno() == errno.EINTR:
                 continue
             raise _oserror("seccomp notification loop")
-        if fds[1].revents or not fds[0].revents & _POLLIN:
+        if fds[1].revents:
+            return None
+        if fds[2].revents:
+            return ()
+        if not fds[0].revents & _POLLIN:
             return None
         if _recv(fd, n) != 0:
             if ctypes.get_errno() in (errno.ENOENT, errno.EINTR):
