@@ -11,7 +11,8 @@ exports its BPF; ``idpin._sys.seccomp_listen`` installs it (with
 NEW_LISTENER and, where the kernel has it, WAIT_KILLABLE_RECV) in the
 launcher, between fork and exec, and idpin's own loop drives the listener.
 
-What is trapped: clone, clone3, fork, vfork; semget, shmget, msgget (and
+What is trapped: clone, clone3, fork, vfork; exit and exit_group (answered
+at once; see EXIT_CALLS); semget, shmget, msgget (and
 i386's ipc multiplexer); ioctl TIOCGPTN and TIOCGPTPEER (the first thing a
 pty allocation does with a new master: glibc's grantpt and openpty, and
 Python's os.openpty through them); and write on the request fd. Only the
@@ -35,6 +36,9 @@ SCMP_ARCH_X32 = 0x4000003E
 NATIVE_ARCH = SCMP_ARCH_X86_64
 
 PROCESS_CALLS = ("clone", "clone3", "fork", "vfork")
+# Trapped so that a task born to a pinned clone cannot be gone before it is
+# verified: while a verification runs, its exit waits in the queue.
+EXIT_CALLS = ("exit", "exit_group")
 IPC_CALLS = ("semget", "shmget", "msgget")
 PTY_IOCTLS = (_sys.TIOCGPTN, _sys.TIOCGPTPEER)
 _LOW32 = 0xFFFFFFFF
@@ -82,7 +86,7 @@ def syscall_names():
     """{(arch, nr): name} of every trapped call, for the supervisor's dispatch."""
     names = {}
     for arch in (SCMP_ARCH_X86_64, SCMP_ARCH_X86, SCMP_ARCH_X32):
-        for name in PROCESS_CALLS + IPC_CALLS + ("ioctl", "write", "ipc"):
+        for name in PROCESS_CALLS + EXIT_CALLS + IPC_CALLS + ("ioctl", "write", "ipc"):
             nr = syscall_number(name, arch)
             if nr is not None:
                 names[(arch, nr)] = name
@@ -120,7 +124,7 @@ def build_bpf(request_fd=None):
             # A 64-bit process can still enter through these ABIs; without
             # them in the filter it would allocate unseen.
             _check(lib.seccomp_arch_add(ctx, arch), "arch_add")
-        for name in PROCESS_CALLS + IPC_CALLS:
+        for name in PROCESS_CALLS + EXIT_CALLS + IPC_CALLS:
             _notify(lib, ctx, name)
         for command in PTY_IOCTLS:
             _notify(lib, ctx, "ioctl", _masked_eq(1, command))

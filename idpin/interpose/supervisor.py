@@ -215,7 +215,60 @@ class _WrongPid(Exception):
     pass
 
 
-def _launcher(bpf, flags, channel_sock, want_pid, user_preexec):
+class _Fds:
+    """Where the request fd goes in the program, and which fds it keeps.
+
+    A shell's '>&N' takes one digit only, so the request fd gets the lowest
+    number from 3 up that the caller does not pass itself. The launcher
+    moves it there and does close_fds' work itself: Popen's close_fds would
+    close that number (pass_fds must name fds open in the parent).
+    """
+
+    def __init__(self, request_end, keep, close_fds):
+        self.source = request_end.fileno()
+        self.keep = tuple(keep)
+        self.close_fds = close_fds
+        self.number = next(fd for fd in range(3, 1 << 20) if fd not in self.keep)
+        # Reserve the number here if it is free, so that none of the fds
+        # Popen opens next (its error pipe) can get it; if something else
+        # holds it, that is an fd of ours the program's copy may lose.
+        reserved = fcntl.fcntl(self.source, fcntl.F_DUPFD_CLOEXEC, self.number)
+        self.reserved = reserved if reserved == self.number else -1
+        if self.reserved < 0:
+            os.close(reserved)
+        self.before = _open_fds()
+
+    def close(self):
+        if self.reserved >= 0:
+            os.close(self.reserved)
+            self.reserved = -1
+
+    def arrange(self):
+        """In the launcher: the request fd at its number, close_fds done."""
+        if self.source == self.number:
+            os.set_inheritable(self.number, True)
+        else:
+            os.dup2(self.source, self.number, inheritable=True)
+        for fd in self.keep:
+            os.set_inheritable(fd, True)
+        if not self.close_fds:
+            return
+        # Popen's own fds opened after ``before`` (its error pipe) are
+        # close-on-exec; so is everything Python opened: only the rest.
+        for fd in self.before:
+            if fd > 2 and fd != self.number and fd not in self.keep:
+                try:
+                    if os.get_inheritable(fd):
+                        os.close(fd)
+                except OSError:
+                    pass
+
+
+def _open_fds():
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _launcher(bpf, flags, channel_sock, want_pid, user_preexec, fds):
     """Popen's preexec_fn: check the pid, install the filter, hand over the listener.
 
     It runs in the child between fork and exec, so it calls nothing that
@@ -235,6 +288,7 @@ def _launcher(bpf, flags, channel_sock, want_pid, user_preexec):
         # that would wait unreceived, and a signal would fail it.
         if channel_sock.recv(1) != b"A":
             raise RuntimeError("idpin: the supervisor did not take the listener")
+        fds.arrange()
 
     return launch
 
@@ -293,6 +347,7 @@ class Supervisor:
         self._control = bytearray(4 * _sys.LOOP_CONTROL_INTS + 8)
         struct.pack_into("=II", self._control, 8, self._write_nr, seccomp_filter.NATIVE_ARCH)
         self._holds = 0
+        self._latest = {}
         self._state_lock = threading.Lock()
         self._closed = False
         self._filter_flags = _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
@@ -314,18 +369,18 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = _Channel(requests)
         receiver = None
+        fds = None
         try:
-            request_fd = request_end.fileno()
-            bpf = seccomp_filter.build_bpf(request_fd)
+            fds = _Fds(request_end, popen_kwargs.pop("pass_fds", ()), popen_kwargs.pop("close_fds", True))
+            bpf = seccomp_filter.build_bpf(fds.number)
             env = dict(popen_kwargs.pop("env", None) or os.environ)
-            env[ENV] = str(request_fd)
-            pass_fds = tuple(popen_kwargs.pop("pass_fds", ())) + (request_fd,)
-            launch = _launcher(bpf, self._filter_flags, theirs, pid, popen_kwargs.pop("preexec_fn", None))
+            env[ENV] = str(fds.number)
+            launch = _launcher(bpf, self._filter_flags, theirs, pid, popen_kwargs.pop("preexec_fn", None), fds)
             receiver = threading.Thread(target=self._take_listener, args=(channel, ours), daemon=True)
             receiver.start()
             with self._pinned_spawn(pid):
                 try:
-                    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, preexec_fn=launch,
+                    proc = subprocess.Popen(argv, env=env, close_fds=False, preexec_fn=launch,
                                             **popen_kwargs)
                 except subprocess.SubprocessError as err:
                     if pid is not None and "preexec_fn" in str(err) and channel.listener < 0:
@@ -334,6 +389,8 @@ class Supervisor:
                                           "reaped before it ran anything") from None
                     raise
         except BaseException:
+            if fds is not None:
+                fds.close()
             theirs.close()
             ours.close()
             if receiver is not None:
@@ -341,6 +398,7 @@ class Supervisor:
             self._drop(channel)
             request_end.close()
             raise
+        fds.close()
         theirs.close()
         request_end.close()
         receiver.join(LISTENER_SECONDS)
@@ -420,6 +478,9 @@ class Supervisor:
                 self._drain_requests(channel)
                 continue
             self._set_fast(False)
+            # A thread has one call at a time: a newer notification from it
+            # means its continued call is over (a restart after a signal).
+            self._latest[notification[1]] = notification[:5]
             self._queue.put((channel, notification))
 
     def _drop(self, channel):
@@ -555,6 +616,8 @@ class Supervisor:
             if len(raw) != 8 or not self._valid(channel, notification):
                 return None
             flags = struct.unpack("=Q", raw)[0]
+        elif name == "msgget":
+            return "msg", (args[0], 0, args[1])  # msgget(key, flags)
         elif name in _GET_KIND:
             return _GET_KIND[name], (args[0], args[1], args[2])
         elif name == "ipc":
@@ -603,20 +666,35 @@ class Supervisor:
             knobs.write_knob(knob, "ns_last_pid", want - 1)
             if not self._answer(channel, notification):
                 return GONE
-            got = _wait_knob(knob, lambda value: value != want - 1)
+            over = self._call_over(notification)
+            got = _wait_knob(knob, lambda value: value != want - 1, over)
             if got is None:
-                return NOT_ALLOCATED  # failed before allocating (limits, bad flags)
+                # Over without allocating: a signal restarts a fork before
+                # it allocates (its restart is trapped again), or it failed
+                # early (limits, bad flags).
+                return NOT_ALLOCATED
             if got == want:
-                born = _born(want, tgid, kind, flags)
+                born = _born(want, tgid, kind, flags, over)
+                if born is None and self._restarted(notification):
+                    return NOT_ALLOCATED  # failed after allocating; restarted
                 if born is None or born:
                     # Allocated while every other supervised allocation
-                    # waited: ours. Not seen at all: it came and went (a
-                    # short child, reaped), or (rarely) a fork that failed
-                    # late; then its restart gets the next entry: never a
-                    # wrong id, at worst a skipped one.
+                    # waited: ours. (Not seen: killed by a signal and reaped
+                    # already; a normal exit would wait in our queue.)
                     return OK
             self._undo_wrong(tgid, children_before, kind, want)
             return WRONG
+
+    def _call_over(self, notification):
+        """A test: has the thread behind ``notification`` trapped again since?"""
+        tid, nid = notification[1], notification[0]
+        return lambda: self._latest.get(tid, (nid,))[0] != nid
+
+    def _restarted(self, notification):
+        """Whether the thread's newest trapped call is this one again: the
+        same syscall from the same instruction (a restart after a signal)."""
+        latest = self._latest.get(notification[1], notification[:5])
+        return latest[0] != notification[0] and latest[2:5] == notification[2:5]
 
     def _undo_wrong(self, tgid, children_before, kind, want):
         if kind == "tid":
@@ -653,7 +731,7 @@ class Supervisor:
             if not self._answer(channel, notification):
                 ipc.consume_knob(kind, lock)
                 return GONE
-            if _wait_knob(knob, lambda value: value == -1) is None:
+            if _wait_knob(knob, lambda value: value == -1, self._call_over(notification)) is None:
                 ipc.consume_knob(kind, lock)  # never leave it armed
                 return NOT_ALLOCATED
             held = _sys.ipc_stat_index(code, ipc.index_of(want))
@@ -755,21 +833,30 @@ def _children(tgid):
     return found
 
 
-def _wait_knob(knob, done, timeout=SETTLE_SECONDS):
-    """Poll a knob until ``done(value)``; the value, or None after ``timeout``."""
+def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
+    """Poll a knob until ``done(value)``; the value, or None once ``over()``
+    or after ``timeout``.
+
+    The first polls only yield the CPU: the continued call usually allocates
+    within tens of microseconds, and a short child must still be there when
+    it is verified.
+    """
     deadline = time.monotonic() + timeout
-    pause = 0.00002
+    polls = 0
     while True:
         value = _sys.knob_read(knob)
         if done(value):
             return value
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(pause)
-        pause = min(pause * 2, 0.0002)
+        if over() or time.monotonic() > deadline:
+            return None if not done(_sys.knob_read(knob)) else _sys.knob_read(knob)
+        polls += 1
+        if polls < 200:
+            os.sched_yield()
+        else:
+            time.sleep(0.0002)
 
 
-def _born(pid, tgid, kind, flags, timeout=0.02):
+def _born(pid, tgid, kind, flags, over, timeout=0.02):
     """Whether task ``pid`` is the new thread of ``tgid`` or its child; None
     if it does not show within ``timeout`` (it may already be reaped)."""
     if kind == "tid":
@@ -783,7 +870,7 @@ def _born(pid, tgid, kind, flags, timeout=0.02):
         fields = _status_fields(pid, {"Tgid", "PPid"})
         if fields is not None:
             return fields.get(want[0]) == want[1]
-        if time.monotonic() > deadline:
+        if over() or time.monotonic() > deadline:
             return None
         time.sleep(0.0001)
 
