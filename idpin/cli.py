@@ -1,4 +1,4 @@
-"""The ``idpin`` command line: doctor, demo, bench."""
+"""The ``idpin`` command line: doctor, demo, bench, run."""
 import argparse
 import sys
 
@@ -30,6 +30,19 @@ def bench(args, out):
     return suite.main(args.rest, out)
 
 
+def run(args, out):
+    from .interpose.run import run as run_supervised
+
+    from .errors import IdpinError
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    try:
+        return run_supervised(command, pid=args.pid, plan=args.plan, strict=args.strict, here=args.here)
+    except (IdpinError, ValueError) as err:
+        sys.stderr.write("idpin run: %s\n" % err)
+        return 2
+
+
 def parser():
     p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
     p.add_argument("--version", action="version", version="idpin %s" % __version__)
@@ -41,10 +54,19 @@ def parser():
         add_help=False,
     )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
+    run_parser = sub.add_parser(
+        "run", help="run a program supervised: its forks, SysV objects and ptys get planned ids")
+    run_parser.add_argument("--pid", type=int, help="the program's own pid (default: the plan's root)")
+    run_parser.add_argument("--plan", metavar="FILE", help="a plan (JSON): its processes' 'next' ids")
+    run_parser.add_argument("--strict", action="store_true",
+                            help="fail (EBUSY) allocations the plan does not name, and taken ids")
+    run_parser.add_argument("--here", action="store_true",
+                            help="run in the current namespaces instead of fresh ones (needs privilege)")
+    run_parser.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench}
+COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "run": run}
 
 
 def main(argv=None, out=None):

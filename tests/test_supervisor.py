@@ -7,19 +7,22 @@ the planned ids are free; the runner checks nothing is left behind
 (processes, IPC objects, armed knobs, ptys, fds, locks).
 """
 import errno
+import json
 import os
 import pathlib
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
 
 import idpin
-from idpin import _sys
+from idpin import _sys, cli
+from idpin.interpose import ORIGINALS
 from idpin.interpose import filter as seccomp_filter
 from idpin.interpose.supervisor import parse_request
 
@@ -263,3 +266,60 @@ def _reap_orphans(timeout=10.0):
             return
         if pid == 0:
             time.sleep(0.01)
+
+
+class IdpinRun:
+    """``idpin run ARGS`` in a forked child (cli.main: no interpreter to exec,
+    which an unprivileged user may not be able to read)."""
+
+    def __init__(self, *args):
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        self.pid = ORIGINALS["os.fork"]()
+        if self.pid == 0:
+            status = 70
+            try:
+                os.dup2(out_write, 1)
+                os.dup2(err_write, 2)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                status = cli.main(["run", *args])
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+        os.close(out_write)
+        os.close(err_write)
+        self.stdout = os.fdopen(out_read, "rb")
+        self.stderr = os.fdopen(err_read, "rb")
+
+    def finish(self):
+        out, err = self.stdout.read(), self.stderr.read()
+        self.stdout.close()
+        self.stderr.close()
+        return out, err, reap(self.pid)
+
+
+@as_root_and_nobody
+def test_idpin_run_gives_the_planned_pids_in_fresh_namespaces_and_passes_the_status(uid):
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
+        json.dump(plan_of([{"pid": 100, "next": {"pid": [200, 201]}}]), plan)
+        plan.flush()
+        out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c",
+                                    "echo $$; sleep 0 & echo $!; wait; exit 3").finish()
+    assert (out.split(), status) == ([b"100", b"200"], 3), err
+
+
+def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
+    script = 'trap "echo got TERM; exit 5" TERM; echo pid=4242 >&$IDPIN_REQUEST_FD; ' \
+             'sleep 0 & echo $!; wait; echo ready; while :; do sleep 0.05; done'
+    run = IdpinRun("--pid", "77", "--", "sh", "-c", script)
+    assert run.stdout.readline() == b"4242\n"
+    assert run.stdout.readline() == b"ready\n"
+    os.kill(run.pid, signal.SIGTERM)
+    out, _, status = run.finish()
+    assert (out, status) == (b"got TERM\n", 5)
+
+
+def test_idpin_run_refuses_pid_1_in_fresh_namespaces_with_the_reason():
+    out, err, status = IdpinRun("--pid", "1", "--", "true").finish()
+    assert status == 2 and b"pid 1 is the supervisor" in err
