@@ -101,3 +101,18 @@ def test_perf_invariants_catch_a_wrong_id_and_a_failed_benchmark_but_not_a_misse
     assert "came out wrong" in perf.violations([wrong])[0]
     failed = dict(slow, error="boom")
     assert "failed: boom" in perf.violations([failed])[0]
+
+
+@pytest.mark.host
+def test_supervisor_quick_every_planned_id_right_nothing_left(tmp_path):
+    status, text, results = run_quick("supervisor", tmp_path)
+    section = results["supervisor"]
+    assert status == 0, text
+    assert section["ok"] and section["violations"] == [], section["violations"]
+    rows = section["rows"]
+    assert {row["backend"] for row in rows} == {"cython", "ctypes"}
+    names = {row["benchmark"] for row in rows}
+    assert {"pinned fork via supervisor vs unsupervised", "pinned pty via supervisor vs unsupervised",
+            "trapped call, nothing pending (SYNC_WAKE_UP=1)"} <= names
+    for row in rows:
+        assert row["subject"] > 0 and row["floor"] > 0, row

@@ -2,6 +2,7 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench supervisor [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
 knob of the host is ever written. Each suite prints its tables, puts its
@@ -29,7 +30,9 @@ def parser():
         prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
     sub = p.add_subparsers(dest="suite", required=True)
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
-                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side")):
+                       ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
+                       ("supervisor", "the seccomp supervisor's cost to a program, vs a C supervisor "
+                                      "and vs running unsupervised")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
                            help="a short smoke run that checks correctness invariants only")
@@ -82,8 +85,21 @@ def render_perf(section, out):
     perf.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf}
-RENDER = {"race": race.render, "perf": render_perf}
+def run_supervisor(args, backends):
+    from . import supervisor
+
+    rows, seconds = supervisor.run_suite(args.quick, backends)
+    return {"suite": "supervisor", "seconds": seconds, "rows": rows, "violations": supervisor.violations(rows)}
+
+
+def render_supervisor(section, out):
+    from . import supervisor
+
+    supervisor.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf, "supervisor": run_supervisor}
+RENDER = {"race": race.render, "perf": render_perf, "supervisor": render_supervisor}
 
 
 def draw(suite, section, out_dir, out):

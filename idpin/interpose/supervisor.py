@@ -348,6 +348,7 @@ class Supervisor:
         struct.pack_into("=II", self._control, 8, self._write_nr, seccomp_filter.NATIVE_ARCH)
         self._holds = 0
         self._latest = {}
+        self._installed_ptys = set()
         self._state_lock = threading.Lock()
         self._closed = False
         self._filter_flags = _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
@@ -764,7 +765,13 @@ class Supervisor:
             except OSError:
                 self._answer(channel, notification)
                 return NOT_ALLOCATED  # not a pty master
+            if (tgid, fd, current) in self._installed_ptys:
+                # A master put in place earlier (glibc's openpty asks for its
+                # index more than once): not a new allocation.
+                self._answer(channel, notification)
+                return NOT_ALLOCATED
             if current == want:
+                self._installed_ptys.add((tgid, fd, want))
                 return OK if self._answer(channel, notification) else GONE
             instance = idpin_pty.find_instance()
             if os.fstat(theirs).st_dev != instance.dev:
@@ -787,6 +794,7 @@ class Supervisor:
                              _sys.SECCOMP_ADDFD_FLAG_SETFD, os.O_CLOEXEC if cloexec else 0)
         finally:
             os.close(master)
+        self._installed_ptys.add((tgid, fd, want))
         return OK if self._answer(channel, notification) else GONE
 
 
