@@ -663,7 +663,6 @@ class Supervisor:
             if pids.pid_in_use(want):
                 return BUSY
             knob = lock.knob("ns_last_pid")
-            children_before = _children(tgid)
             knobs.write_knob(knob, "ns_last_pid", want - 1)
             if not self._answer(channel, notification):
                 return GONE
@@ -683,7 +682,9 @@ class Supervisor:
                     # waited: ours. (Not seen: killed by a signal and reaped
                     # already; a normal exit would wait in our queue.)
                     return OK
-            self._undo_wrong(tgid, children_before, kind, want)
+            if not _alive(tgid):
+                return GONE  # killed meanwhile: its children went to their reaper
+            self._undo_wrong(tgid, got, kind, want)
             return WRONG
 
     def _call_over(self, notification):
@@ -697,16 +698,22 @@ class Supervisor:
         latest = self._latest.get(notification[1], notification[:5])
         return latest[0] != notification[0] and latest[2:5] == notification[2:5]
 
-    def _undo_wrong(self, tgid, children_before, kind, want):
+    def _undo_wrong(self, tgid, got, kind, want):
+        # The knob moved to ``got``: the last pid allocated. If the caller's
+        # new child has it, the caller lost the knob to a process outside
+        # the supervisor and idpin's lock.
         if kind == "tid":
-            self.errors.append("thread of %d got a tid other than %d (a process outside the "
+            self.errors.append("a thread of %d got a tid other than %d (a process outside the "
                                "supervisor and idpin's lock raced the knob)" % (tgid, want))
             return
-        for child in _children(tgid) - children_before:
-            _kill(child)
+        fields = _status_fields(got, {"PPid"}) if got != want else None
+        if fields and fields.get("PPid") == tgid:
+            _kill(got)
             self.errors.append("process %d forked pid %d instead of %d (a process outside the "
-                               "supervisor and idpin's lock raced the knob): killed it"
-                               % (tgid, child, want))
+                               "supervisor and idpin's lock raced the knob): killed it" % (tgid, got, want))
+        else:
+            self.errors.append("process %d: pid %d went to another process; its own child's pid "
+                               "is unknown" % (tgid, want))
 
     # -- SysV IPC: the kind's knob under the IPC lock, CONTINUE, verify
 
@@ -826,21 +833,6 @@ def _status_fields(pid, names):
     return found
 
 
-def _children(tgid):
-    found = set()
-    try:
-        tasks = os.listdir("/proc/%d/task" % tgid)
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            with open("/proc/%d/task/%s/children" % (tgid, task)) as f:
-                found.update(int(pid) for pid in f.read().split())
-        except OSError:
-            pass
-    return found
-
-
 def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
     """Poll a knob until ``done(value)``; the value, or None once ``over()``
     or after ``timeout``.
@@ -881,6 +873,15 @@ def _born(pid, tgid, kind, flags, over, timeout=0.02):
         if over() or time.monotonic() > deadline:
             return None
         time.sleep(0.0001)
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _kill(pid):
