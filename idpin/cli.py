@@ -11,6 +11,12 @@ def doctor(args, out):
     caps = probe()
     rows = [(kind, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-") for kind, cap in caps.items()]
     out.write(table(("kind", "ok", "mechanism", "reason / fix"), rows) + "\n\n")
+    from .probe import probe_supervisor
+
+    rows = [(name, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-")
+            for name, cap in probe_supervisor().items()]
+    out.write("supervisor (idpin run, idpin.Supervisor):\n")
+    out.write(table(("feature", "ok", "kernel name", "reason / fix"), rows) + "\n\n")
     out.write("backend: %s" % _sys.BACKEND)
     if _sys.load_error is not None:
         out.write(" (the Cython extension did not load: %s)" % _sys.load_error)

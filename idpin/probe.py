@@ -32,6 +32,13 @@ def probe():
     return caps
 
 
+def probe_supervisor():
+    """dict feature -> Capability of the seccomp supervisor's kernel features."""
+    from .interpose.features import probe_supervisor as probe_features
+
+    return probe_features()
+
+
 def clone3_errno():
     return _sys.clone3_probe((os.getpid(),))
 

@@ -323,3 +323,16 @@ def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
 def test_idpin_run_refuses_pid_1_in_fresh_namespaces_with_the_reason():
     out, err, status = IdpinRun("--pid", "1", "--", "true").finish()
     assert status == 2 and b"pid 1 is the supervisor" in err
+
+
+def test_the_feature_probe_finds_what_this_kernel_version_has():
+    from idpin.interpose.features import FEATURES
+
+    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    from idpin.probe import probe_supervisor
+
+    caps = probe_supervisor()
+    for name, (_, version) in FEATURES.items():
+        wanted = tuple(int(part) for part in version.split("."))
+        assert caps[name].ok == (release >= wanted), (name, caps[name])
+        assert caps[name].ok or "Linux %s" % version in caps[name].reason

@@ -110,10 +110,11 @@ def _notify(lib, ctx, name, *cmps):
     _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_NOTIFY, nr, len(cmps), array), "rule for " + name)
 
 
-def build_bpf(request_fd=None):
+def build_bpf(request_fd=None, only=None):
     """The filter's BPF program (bytes) trapping idpin's calls.
 
     request_fd: the fd number whose writes are requests ($IDPIN_REQUEST_FD).
+    only: trap just these syscall names instead (the feature probe).
     """
     lib = libseccomp()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
@@ -124,6 +125,10 @@ def build_bpf(request_fd=None):
             # A 64-bit process can still enter through these ABIs; without
             # them in the filter it would allocate unseen.
             _check(lib.seccomp_arch_add(ctx, arch), "arch_add")
+        if only is not None:
+            for name in only:
+                _notify(lib, ctx, name)
+            return _export(lib, ctx)
         for name in PROCESS_CALLS + EXIT_CALLS + IPC_CALLS:
             _notify(lib, ctx, name)
         for command in PTY_IOCTLS:
