@@ -81,7 +81,7 @@ def floor(binary, sync, n):
     return parse(done.stdout)[0]
 
 
-def supervised(binary, what, n, plan=None, sync=True):
+def supervised(binary, what, n, plan=None, sync=False):
     """(ns per operation, ids, the supervisor's errors) of the workload under idpin."""
     with Supervisor(plan, sync_wakeup=sync) as sup:
         proc = sup.spawn([binary, what, str(n)], pid=PROGRAM_PID if plan else None,

@@ -332,7 +332,7 @@ class Supervisor:
     ``errors`` what could not be done right (wrong ids undone, bad lines).
     """
 
-    def __init__(self, plan=None, strict=False, sync_wakeup=True):
+    def __init__(self, plan=None, strict=False, sync_wakeup=False):
         self.plan = load_plan(plan) if plan is not None else None
         self.strict = bool(strict)
         self.pending = Pending(self.plan["next"] if self.plan else {})
