@@ -25,6 +25,7 @@ from idpin import _sys, cli
 from idpin.interpose import ORIGINALS
 from idpin.interpose import filter as seccomp_filter
 from idpin.interpose.supervisor import parse_request
+from idpin.testing import open_fds as testing_open_fds
 
 from helpers import as_root_and_nobody, knob, reap
 
@@ -336,3 +337,41 @@ def test_the_feature_probe_finds_what_this_kernel_version_has():
         wanted = tuple(int(part) for part in version.split("."))
         assert caps[name].ok == (release >= wanted), (name, caps[name])
         assert caps[name].ok or "Linux %s" % version in caps[name].reason
+
+
+def test_the_notification_calls_leak_neither_objects_nor_fds(backend):
+    calls, warmup = 3000, 200
+    bpf = seccomp_filter.build_bpf(only=("getppid",))
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        try:
+            socket.send_fds(theirs, [b"L"], [_sys.seccomp_listen(bpf, 0)])
+            for _ in range(calls + warmup):
+                os.getppid()
+        finally:
+            os._exit(0)
+    theirs.close()
+    listener = socket.recv_fds(ours, 1, 1)[1][0]
+    ours.close()
+    stop_read, stop_write = os.pipe()
+    control = bytearray(16)
+
+    def one():
+        nid, pid, nr, arch, ip, args = _sys.notif_loop(listener, stop_read, -1, control)
+        assert _sys.process_vm_read(pid, ip, 8) and _sys.notif_id_valid(listener, nid)
+        assert _sys.notif_send(listener, nid, 0, 0, _sys.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    try:
+        for _ in range(warmup):
+            one()
+        fds, blocks = testing_open_fds(), sys.getallocatedblocks()
+        for _ in range(calls):
+            one()
+        assert testing_open_fds() == fds
+        assert sys.getallocatedblocks() - blocks < 200
+        assert _sys.notif_loop(listener, stop_read, -1, control) is None  # the child is gone: POLLHUP
+    finally:
+        for fd in (listener, stop_read, stop_write):
+            os.close(fd)
+        reap(child)
