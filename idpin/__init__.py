@@ -7,7 +7,8 @@ A request is per thread and one-shot per kind; the id is exactly right or the
 allocation raises IdBusyError. See README.md for the contract.
 """
 from . import _sys
-from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
+from .errors import IdBusyError, IdpinError, LockTimeoutError, RequestError, UnsupportedError
+from .knobs import lock_timeout, set_lock_timeout
 from .request import Request, request
 from . import pids, tids, ipc, pty  # noqa: E402  (each registers its kind)
 from .pids import fork
@@ -17,11 +18,13 @@ from .interpose.supervisor import Supervisor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Capability", "IdBusyError", "IdpinError", "Request", "RequestError",
-    "Supervisor", "UnsupportedError", "fork", "ipc", "probe", "pty", "request",
+    "Capability", "IdBusyError", "IdpinError", "LockTimeoutError", "Request", "RequestError",
+    "Supervisor", "UnsupportedError", "fork", "ipc", "lock_timeout", "probe", "pty", "request",
+    "set_lock_timeout",
 ]
 
-for _name in ("Request", "request", "fork", "probe", "Capability", "Supervisor"):
+for _name in ("Request", "request", "fork", "probe", "Capability", "lock_timeout",
+              "set_lock_timeout", "Supervisor"):
     globals()[_name].__module__ = "idpin"
 
 _stdlib.install()

@@ -5,8 +5,9 @@ restore workers send them across process boundaries (a child reports an
 IdBusyError to its parent over a pipe).
 """
 import errno
+import os
 
-__all__ = ["IdpinError", "IdBusyError", "RequestError", "UnsupportedError"]
+__all__ = ["IdpinError", "IdBusyError", "LockTimeoutError", "RequestError", "UnsupportedError"]
 
 
 class IdpinError(Exception):
@@ -66,6 +67,41 @@ class UnsupportedError(IdpinError):
         return (type(self), (str(self), self.kind))
 
 
+class LockTimeoutError(IdpinError, TimeoutError):
+    """A wait for idpin's namespace lock lasted longer than the lock timeout.
+
+    Raised instead of waiting forever; nothing was allocated and nothing is
+    held. ``lock`` names the lock (namespace kind, file, inode), ``timeout``
+    the seconds waited and ``holders`` the pids /proc/locks names as holding
+    it. Almost always a request block that waits for a process or thread
+    which itself makes an idpin request in the same namespace.
+    """
+
+    def __init__(self, lock, timeout, holders=()):
+        self.lock = lock
+        self.timeout = timeout
+        self.holders = tuple(holders)
+        if not self.holders:
+            who = "its holder is not listed in /proc/locks"
+        elif self.holders == (os.getpid(),):
+            who = "held by this process (pid %d): another thread's request block" % os.getpid()
+        else:
+            who = "held by pid %s" % ", ".join(str(pid) for pid in self.holders)
+        message = (
+            "idpin's %s was not free within %g s (%s). A request block must not wait for "
+            "a process or thread that makes its own idpin request in the same namespace "
+            "(a child forked inside the block, for instance); to wait longer, call "
+            "idpin.set_lock_timeout() or set IDPIN_LOCK_TIMEOUT" % (lock, timeout, who)
+        )
+        OSError.__init__(self, errno.ETIMEDOUT, message)
+
+    def __str__(self):
+        return self.strerror
+
+    def __reduce__(self):
+        return (type(self), (self.lock, self.timeout, self.holders))
+
+
 def _format_id(id):
     if isinstance(id, tuple):
         return "(%s)" % ", ".join(str(i) for i in id)
@@ -79,5 +115,5 @@ NEEDS_NAMESPACE_HINT = (
 )
 
 
-for _cls in (IdpinError, IdBusyError, RequestError, UnsupportedError):
+for _cls in (IdpinError, IdBusyError, LockTimeoutError, RequestError, UnsupportedError):
     _cls.__module__ = "idpin"

@@ -19,34 +19,40 @@ armed (``without_armed_tid``): pids and tids share the namespace's cursor.
 import errno
 import os
 import signal
+import time
 
 from . import _sys, knobs
 from .errors import NEEDS_NAMESPACE_HINT, IdBusyError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, consume, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, validate_int
 
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
 # Exit status of a knob-path child that was born with the wrong pid.
 WRONG_PID_EXIT = 125
 # Knob-path forks retried when a fork outside the lock moved the cursor
-# without taking the pid.
-KNOB_ATTEMPTS = 3
+# without taking the pid: at most this many attempts, within this many
+# seconds (each lost attempt costs a child that is killed at once).
+KNOB_ATTEMPTS = 64
+KNOB_RETRY_SECONDS = 0.5
 
 _clone3_missing = False
 _pid_max_by_namespace = {}
 
 
-def namespace_pid_max():
+def namespace_pid_max(refresh=False):
     """pid_max of this process's pid namespace (per namespace since 6.14).
 
-    Read once per namespace: it is checked on every pinned fork.
+    Cached per namespace, since it is checked on every pinned fork; a value
+    the cache refuses, or an allocation the kernel refuses, reads it again
+    (``refresh``), so a raised or lowered pid_max is never held against a
+    request.
     """
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = None
-    cached = _pid_max_by_namespace.get(namespace)
+    cached = None if refresh else _pid_max_by_namespace.get(namespace)
     if cached is None:
         try:
             with open("/proc/sys/kernel/pid_max") as f:
@@ -55,6 +61,25 @@ def namespace_pid_max():
             return PID_MAX_LIMIT
         _pid_max_by_namespace[namespace] = cached
     return cached
+
+
+def validate_in_pid_range(kind, value):
+    """An int in 1..pid_max-1 of this namespace, read again before refusing."""
+    if type(value) is int and 1 <= value < namespace_pid_max():
+        return value
+    if type(value) is int and value >= 1:
+        namespace_pid_max(refresh=True)
+    return validate_int(kind, value, 1, namespace_pid_max() - 1, "this namespace's pid_max - 1")
+
+
+def out_of_range_error(kind, value):
+    """After the kernel refused ``value`` as out of range: RequestError naming today's range."""
+    pid_max = namespace_pid_max(refresh=True)
+    return RequestError(
+        "%s %d is out of range: valid %ss are 1..%d (this namespace's pid_max - 1, read "
+        "just now)" % (kind, value, kind, pid_max - 1),
+        kind=kind,
+    )
 
 
 def validate_pid(value):
@@ -66,10 +91,10 @@ def validate_pid(value):
                 "first), not %d" % (_sys.MAX_PID_NS_LEVEL, len(value)),
                 kind="pid",
             )
-        inner = _validate_level(value[0], namespace_pid_max(), "this namespace's pid_max - 1")
+        inner = validate_in_pid_range("pid", value[0])
         outer = [_validate_level(v, PID_MAX_LIMIT, "PID_MAX_LIMIT - 1") for v in value[1:]]
         return (inner, *outer)
-    return _validate_level(value, namespace_pid_max(), "this namespace's pid_max - 1")
+    return validate_in_pid_range("pid", value)
 
 
 def _validate_level(value, pid_max, what):
@@ -109,7 +134,7 @@ def fork(pid=None, mechanism=None):
         return plain_fork()
     req, value = found
     child = pinned_fork(value, mechanism)
-    consume(req, "pid", value)
+    req.consumed["pid"] = value  # inline: no call between the fork and recording it
     return child
 
 
@@ -223,6 +248,9 @@ def fork_clone3(value):
             _clone3_missing = True
             raise _Clone3Missing() from err
         raise _translate_clone3_error(err, value) from err
+    except BaseException:
+        undo_interrupted_fork(set_tid[0])
+        raise
 
 
 def _translate_clone3_error(err, value):
@@ -240,6 +268,9 @@ def _translate_clone3_error(err, value):
             kind="pid",
         )
     if err.errno == errno.EINVAL:
+        inner = set_tid_of(value)[0]
+        if inner >= namespace_pid_max(refresh=True):
+            return out_of_range_error("pid", inner)
         return RequestError(
             "pid %s was refused by clone3 (EINVAL): each pid must be below its namespace's "
             "pid_max, the tuple no longer than the pid namespace nesting + 1, and a new "
@@ -266,9 +297,11 @@ def fork_knob(pid):
     A fork outside the lock can land between the knob write and ours. If it
     took the pid, that is a conflict: IdBusyError. If it only moved the
     cursor (the pid is still free once our wrong child is gone), the race was
-    lost, not the pid: try again, a bounded number of times.
+    lost, not the pid: try again, up to KNOB_ATTEMPTS times within
+    KNOB_RETRY_SECONDS.
     """
-    for _ in range(KNOB_ATTEMPTS):
+    deadline = time.monotonic() + KNOB_RETRY_SECONDS
+    for attempt in range(1, KNOB_ATTEMPTS + 1):
         if pid_in_use(pid):
             raise IdBusyError("pid", pid, "in use")
         child = _fork_with_knob(pid)
@@ -281,26 +314,68 @@ def fork_knob(pid):
                 "a process forking outside idpin's lock took it between the knob write and "
                 "the fork (our child got pid %d and was killed)" % child,
             )
+        if child < pid and pid >= namespace_pid_max(refresh=True):
+            raise out_of_range_error("pid", pid)
+        if time.monotonic() >= deadline:
+            break
     raise IdBusyError(
         "pid", pid,
-        "lost the race with processes forking outside idpin's lock %d times (each time "
-        "the child got another pid and was killed)" % KNOB_ATTEMPTS,
+        "lost the race with processes forking outside idpin's lock %d times in a row (each "
+        "time the child got another pid and was killed before running anything); the pid "
+        "is free" % attempt,
     )
 
 
 def _fork_with_knob(pid):
-    lock = knobs.namespace_lock("pid")
-    with lock.held(), lock.alloc:
-        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
-        child = ORIGINALS["os.fork"]()
+    ns = knobs.namespace_lock("pid")
+    with ns.held(), ns.alloc:
+        try:
+            child = _sys.knob_fork(ns.knob("ns_last_pid"), pid)
+        except PermissionError:
+            knobs.write_knob(ns.knob("ns_last_pid"), "ns_last_pid", pid - 1)  # raises the fix
+            raise
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                raise out_of_range_error("pid", pid) from None
+            raise
+        except BaseException:
+            undo_interrupted_fork(pid)
+            raise
         if child == 0:
-            if os.getpid() != pid:
-                # Born with the wrong pid: run nothing of the caller's.
-                os._exit(WRONG_PID_EXIT)
             return 0
         # A tid block of this process armed the same cursor: give it back.
-        lock.rearm("ns_last_pid")
+        ns.rearm("ns_last_pid")
     return child
+
+
+def undo_interrupted_fork(pid):
+    """A fork completed, but an exception (a signal handler's) kept its child from the caller.
+
+    The caller will never know that child, so it is killed and reaped: the
+    one born with ``pid``, and a wrongly numbered knob-path child (it exits
+    at once with WRONG_PID_EXIT and would stay a zombie).
+    """
+    me = os.getpid()
+    for child, state, exit_code in _children_of(me):
+        if child == pid or (state == "Z" and exit_code == WRONG_PID_EXIT << 8):
+            undo_child(child)
+
+
+def _children_of(parent):
+    """(pid, state, exit code) of this process's children, from /proc."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After "pid (comm)": state, ppid, ... field 52 of stat is the exit code.
+        if int(fields[1]) == parent:
+            found.append((int(name), fields[0], int(fields[-1]) if len(fields) >= 50 else 0))
+    return found
 
 
 def undo_child(child):

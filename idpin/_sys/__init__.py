@@ -22,6 +22,7 @@ INTERFACE = (
     "BACKEND",
     "clone3_fork",
     "clone3_probe",
+    "knob_fork",
     "prctl",
     "unshare",
     "setns",
@@ -34,6 +35,9 @@ INTERFACE = (
     "ipc_stat_index",
     "ipc_count",
     "ipc_create_pinned",
+    "record_write",
+    "record_read",
+    "record_remove",
     "pty_index",
     "pty_peer",
     "ptmx_walk",
@@ -99,6 +103,31 @@ def _load_default():
 
 
 _load_default()
+
+
+def _python_resumable_exit(self, exc_type, exc, tb):
+    """``__exit__`` of idpin's context managers, without the compiled extension.
+
+    The same as the extension's ``resumable_exit``, except that a Python
+    signal handler can still raise at this function's first instruction.
+    """
+    try:
+        return self._exit(exc_type, exc, tb)
+    except BaseException as first:
+        try:
+            self._exit(exc_type, exc, tb)
+        except BaseException as second:
+            if second is not first:
+                raise second from first
+        raise
+
+
+try:
+    # Control flow, not a syscall: taken from the extension whichever
+    # backend makes the syscalls.
+    from ._cython import resumable_exit
+except ImportError:
+    resumable_exit = _python_resumable_exit
 
 try:
     tid_cache_offset()

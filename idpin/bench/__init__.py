@@ -3,6 +3,7 @@
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
     idpin bench supervisor [--quick] [--out DIR]
+    idpin bench faults [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
 knob of the host is ever written. Each suite prints its tables, puts its
@@ -31,6 +32,8 @@ def parser():
     sub = p.add_subparsers(dest="suite", required=True)
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
                        ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
+                       ("faults", "SIGKILLs and raising signal handlers at random points, per kind: "
+                                  "leftovers and silent wrong ids"),
                        ("supervisor", "the seccomp supervisor's cost to a program, vs a C supervisor "
                                       "and vs running unsupervised")):
         suite = sub.add_parser(name, help=text, description=text)
@@ -69,7 +72,8 @@ def main(argv, out=None):
 
 def run_race(args, backends):
     cells, seconds = race.run_suite(args.quick, backends)
-    return {"suite": "race", "seconds": seconds, "cells": cells, "violations": race.violations(cells)}
+    return {"suite": "race", "seconds": seconds, "cells": cells,
+            "violations": race.violations(cells, check_refusals=not args.quick)}
 
 
 def run_perf(args, backends):
@@ -85,6 +89,19 @@ def render_perf(section, out):
     perf.render(section, out)
 
 
+def run_faults(args, backends):
+    from . import faults
+
+    rows, seconds = faults.run_suite(args.quick, backends)
+    return {"suite": "faults", "seconds": seconds, "rows": rows, "violations": faults.violations(rows)}
+
+
+def render_faults(section, out):
+    from . import faults
+
+    faults.render(section, out)
+
+
 def run_supervisor(args, backends):
     from . import supervisor
 
@@ -98,12 +115,15 @@ def render_supervisor(section, out):
     supervisor.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf, "supervisor": run_supervisor}
-RENDER = {"race": race.render, "perf": render_perf, "supervisor": render_supervisor}
+SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults, "supervisor": run_supervisor}
+RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults, "supervisor": render_supervisor}
 
 
 def draw(suite, section, out_dir, out):
     """Draw the suite's chart; 0, or 2 when matplotlib is missing."""
+    if suite not in ("race", "perf"):
+        out.write("no plot: the %s suite has only its table\n" % suite)
+        return 0
     try:
         from . import plots
     except ImportError as err:

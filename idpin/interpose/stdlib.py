@@ -46,9 +46,14 @@ def thread_start(self):
     return tids.start_thread(self)
 
 
+def start_new_thread(function, args, kwargs=None):
+    return tids.start_new_thread(function, args, kwargs)
+
+
 for _routed, _original in ((fork, "os.fork"), (forkpty, "os.forkpty"), (openpty, "os.openpty"),
                            (pty_fork, "pty.fork"), (pty_openpty, "pty.openpty"),
-                           (thread_start, "threading.Thread.start")):
+                           (thread_start, "threading.Thread.start"),
+                           (start_new_thread, "threading._start_new_thread")):
     _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.stdlib)." % _original
     _routed.__wrapped__ = ORIGINALS[_original]
 
@@ -59,6 +64,7 @@ ROUTES = {
     (stdlib_pty, "fork"): pty_fork,
     (stdlib_pty, "openpty"): pty_openpty,
     (threading.Thread, "start"): thread_start,
+    (threading, "_start_new_thread"): start_new_thread,
 }
 
 
