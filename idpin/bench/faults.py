@@ -94,7 +94,7 @@ class Got:
             if child != want or code == WRONG_CHILD:
                 wrong.append("pid %d handed out as %d (child exit %d)" % (want, child, code))
         for thread, want, seen in self.threads:
-            if thread.ident is None:
+            if not _started_soon(thread):
                 continue  # never started
             thread.join(OTHER_THREAD_SECONDS)
             _wait_for_task_gone(thread.native_id)
@@ -117,6 +117,17 @@ class Got:
             except OSError:
                 pass
         return wrong if self.completed else []
+
+
+def _started_soon(thread):
+    # A start interrupted after the OS thread began (as with plain
+    # threading) still runs the thread: it sets its ident a moment later.
+    deadline = time.monotonic() + 0.5
+    while thread.ident is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    return True
 
 
 def _wait_for_task_gone(tid):
@@ -304,8 +315,12 @@ def needs_threads(kind):
 
 
 def single_threaded(kind):
-    """Kinds whose op forks with clone3, which idpin uses only in a single-threaded process."""
-    return kind in ("pid-clone3", "pty")
+    """Kinds whose op needs a single-threaded process.
+
+    The clone3 fork path is used only then, and an unrouted IPC creation
+    (sysv_ipc) is credited only when the block's thread was the only one.
+    """
+    return kind in ("pid-clone3", "pty", "sem", "shm", "msg")
 
 
 # -- namespace state ----------------------------------------------------------------
