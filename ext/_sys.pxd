@@ -26,6 +26,7 @@ cdef extern from "compat.h" nogil:
         SYS_set_robust_list
         CLONE_CHILD_SETTID
         CLONE_CHILD_CLEARTID
+        CLONE_PARENT
         MAX_PID_NS_LEVEL
 
         TIOCGPTN
@@ -36,14 +37,16 @@ cdef extern from "compat.h" nogil:
         SEM_STAT_ANY
         SHM_STAT_ANY
         MSG_STAT_ANY
+        SETALL
+        IPC_NOWAIT
 
     ctypedef int key_t
 
-    # Only their sizes matter: *_STAT_ANY fills one of them.
+    # *_STAT_ANY fills one of them; a capture reads the two sizes.
     struct semid_ds:
-        pass
+        unsigned long sem_nsems
     struct shmid_ds:
-        pass
+        size_t shm_segsz
     struct msqid_ds:
         pass
 
@@ -53,8 +56,22 @@ cdef extern from "compat.h" nogil:
     int semctl(int semid, int semnum, int cmd, ...)
     int shmctl(int shmid, int cmd, shmid_ds *buf)
     int msgctl(int msqid, int cmd, msqid_ds *buf)
+    int msgsnd(int msqid, const void *msgp, size_t msgsz, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
     int ioctl(int fd, unsigned long request, ...)
+
+    # Reading objects' contents (idpin.restore.capture).
+    enum:
+        IPC_STAT
+        IPC_NOWAIT
+        GETALL
+        SHM_RDONLY
+        MSG_COPY
+    ssize_t msgrcv(int msqid, void *msgp, size_t msgsz, long msgtyp, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
 
 cdef extern from "<unistd.h>" nogil:

@@ -17,7 +17,7 @@ from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
 from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
 from posix.unistd cimport close, pread, pwrite, _exit, getpid, fork as c_fork
@@ -100,7 +100,9 @@ cdef void _clone_args(clone_args *args, const int *tids, Py_ssize_t n,
     memset(args, 0, sizeof(clone_args))
     args.flags = flags
     args.child_tid = child_tid
-    args.exit_signal = SIGCHLD
+    # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+    # then takes the caller's own, which is SIGCHLD for a forked caller.
+    args.exit_signal = 0 if flags & CLONE_PARENT else SIGCHLD
     args.set_tid = <uint64_t><uintptr_t>tids
     args.set_tid_size = <uint64_t>n
 
@@ -110,6 +112,21 @@ def clone3_fork(set_tid, tid_offset):
 
     Returns 0 in the child and the child's pid in the parent.
     """
+    return _clone3_fork(set_tid, tid_offset, 0)
+
+
+def clone3_sibling(set_tid, tid_offset):
+    """clone3_fork with CLONE_PARENT: the child is the caller's sibling.
+
+    Its parent is the caller's parent (which reaps it and gets its SIGCHLD),
+    so several helpers can create one parent's children in parallel. The init
+    of a pid namespace cannot do this (EINVAL). Returns 0 in the child and
+    the child's pid in the caller.
+    """
+    return _clone3_fork(set_tid, tid_offset, CLONE_PARENT)
+
+
+cdef object _clone3_fork(set_tid, tid_offset, uint64_t extra_flags):
     cdef int tids[MAX_PID_NS_LEVEL]
     cdef clone_args args
     cdef void *robust_head = NULL
@@ -123,7 +140,7 @@ def clone3_fork(set_tid, tid_offset):
     # there, CHILD_CLEARTID clears it at exit. These are the flags glibc's
     # fork passes for the same field.
     _clone_args(&args, tids, len(items),
-                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID,
+                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | extra_flags,
                 <uint64_t><uintptr_t>(<char *>pthread_self() + offset))
     # A new task starts with no robust futex list; glibc's fork registers the
     # parent's head again in the child, so read it while we still can.
@@ -424,6 +441,97 @@ def ipc_count(kind):
     return (<int *>&buf)[field]
 
 
+# ------------------------------------------------- IPC contents (capture)
+
+from libc.errno cimport EFBIG, ENOMSG
+
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    cdef int cid = _c_int(id)
+    cdef semid_ds ds
+    cdef unsigned short *values
+    cdef unsigned long n, i
+    cdef int rc, code
+    with nogil:
+        rc = semctl(cid, 0, IPC_STAT, &ds)
+        code = errno
+    if rc < 0:
+        raise _oserror("semctl IPC_STAT", code, "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    n = ds.sem_nsems
+    values = <unsigned short *>malloc((n + 1) * sizeof(unsigned short))
+    if values == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = semctl(cid, 0, GETALL, values)
+            code = errno
+        if rc < 0:
+            raise _oserror("semctl GETALL", code, "id %d" % id)
+        return [values[i] for i in range(n)]
+    finally:
+        free(values)
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    cdef int cid = _c_int(id)
+    cdef long cindex = index
+    cdef size_t csize = size
+    cdef char *buf = <char *>malloc(sizeof(long) + csize)
+    cdef ssize_t got
+    cdef int code
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            got = msgrcv(cid, buf, csize, cindex, IPC_NOWAIT | MSG_COPY)
+            code = errno
+        if got < 0:
+            if code == ENOMSG:
+                return None
+            raise _oserror("msgrcv MSG_COPY", code, "id %d, message %d" % (id, index))
+        return (<long *>buf)[0], buf[sizeof(long):sizeof(long) + got]
+    finally:
+        free(buf)
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    cdef int cid = _c_int(id)
+    cdef shmid_ds ds
+    cdef void *addr
+    cdef int rc, code
+    with nogil:
+        addr = shmat(cid, NULL, SHM_RDONLY)
+        code = errno
+    if addr == <void *>-1:
+        raise _oserror("shmat", code, "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        with nogil:
+            rc = shmctl(cid, IPC_STAT, &ds)
+            code = errno
+        if rc < 0:
+            raise _oserror("shmctl IPC_STAT", code, "id %d" % id)
+        if ds.shm_segsz > limit:
+            raise OSError(EFBIG, "shm id %d is %d bytes, more than %d" % (id, ds.shm_segsz, limit))
+        return (<char *>addr)[:ds.shm_segsz]
+    finally:
+        shmdt(addr)
+
+
 cdef enum PinStep:
     PIN_DONE
     PIN_KNOB
@@ -493,6 +601,74 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     if pin.step == PIN_RMID:
         raise _oserror("IPC_RMID", pin.err, "id %d" % pin.got)
     return pin.got
+
+
+# ---------------------------------------------------------------- SysV contents (restore)
+
+def ipc_sem_setall(id, values):
+    """semctl(id, 0, SETALL): every semaphore of the set at once."""
+    cdef int cid = _c_int(id)
+    cdef Py_ssize_t n = len(values)
+    cdef Py_ssize_t i
+    cdef int rc, code
+    cdef unsigned short *array = <unsigned short *>malloc((n if n else 1) * sizeof(unsigned short))
+    if array == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            # An OverflowError here, never a value truncated to another one.
+            array[i] = values[i]
+        with nogil:
+            rc = semctl(cid, 0, SETALL, array)
+            code = errno
+        if rc < 0:
+            raise _oserror("semctl(SETALL)", code, "id %d" % id)
+    finally:
+        free(array)
+
+
+def ipc_msg_send(id, mtype, data):
+    """msgsnd(id, {mtype, data}, IPC_NOWAIT): a full queue is EAGAIN, never a wait."""
+    cdef bytes body = bytes(data)
+    cdef Py_ssize_t size = len(body)
+    cdef int cid = _c_int(id)
+    cdef long ctype = mtype
+    cdef int rc, code
+    cdef char *message = <char *>malloc(sizeof(long) + (size if size else 1))
+    if message == NULL:
+        raise MemoryError()
+    try:
+        (<long *>message)[0] = ctype
+        memcpy(message + sizeof(long), <const char *>body, size)
+        while True:
+            with nogil:
+                rc = msgsnd(cid, message, <size_t>size, IPC_NOWAIT)
+                code = errno
+            if rc == 0:
+                return
+            if code != EINTR:
+                raise _oserror("msgsnd", code, "id %d" % id)
+            PyErr_CheckSignals()
+    finally:
+        free(message)
+
+
+def ipc_shm_write(id, data):
+    """Copy ``data`` to the start of segment ``id`` (shmat, memcpy, shmdt)."""
+    cdef bytes body = bytes(data)
+    cdef Py_ssize_t size = len(body)
+    cdef const char *source = body
+    cdef int cid = _c_int(id)
+    cdef void *at
+    cdef int code
+    with nogil:
+        at = shmat(cid, NULL, 0)
+        code = errno
+    if at == <void *>-1:
+        raise _oserror("shmat", code, "id %d" % id)
+    with nogil:
+        memcpy(at, source, size)
+        shmdt(at)
 
 
 # ---------------------------------------------------------------- ptys
@@ -812,3 +988,45 @@ def record_remove(name):
         code = errno
     if rc < 0 and code != 2:  # ENOENT
         raise _stdlib_error(code, name)
+
+
+# ---------------------------------------------------------------- signal dispositions
+
+from posix.signal cimport sigaction_t, sigaction as c_sigaction, sigemptyset
+from libc.string cimport memcpy
+
+
+def sigaction(int signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    ``action``: None (only read), an int handler (SIG_DFL 0 or SIG_IGN 1, set
+    with an empty mask and no flags, as glibc's system() sets SIG_IGN) or the
+    ``saved`` bytes of an earlier call (put back exactly). ``handler`` is the
+    previous handler's value (0, 1 or an address). Unlike signal.signal it
+    works in any thread and leaves Python's own handler table alone.
+    """
+    cdef sigaction_t new_action, old_action
+    cdef const sigaction_t *new_ptr = NULL
+    cdef bytes saved_new
+    cdef int rc
+    memset(&new_action, 0, sizeof(sigaction_t))
+    memset(&old_action, 0, sizeof(sigaction_t))
+    if isinstance(action, bytes):
+        saved_new = action
+        if len(saved_new) != sizeof(sigaction_t):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (sizeof(sigaction_t), len(saved_new)))
+        memcpy(&new_action, <const char *>saved_new, sizeof(sigaction_t))
+        new_ptr = &new_action
+    elif action is not None:
+        # The handler union is glibc's first member (declared here as a
+        # function, so it is reached through a cast).
+        (<void **>&new_action)[0] = <void *><uintptr_t>int(action)
+        sigemptyset(&new_action.sa_mask)
+        new_ptr = &new_action
+    with nogil:
+        rc = c_sigaction(signum, new_ptr, &old_action)
+    if rc != 0:
+        raise _oserror("sigaction", errno)
+    return (<uintptr_t>(<void **>&old_action)[0],
+            (<char *>&old_action)[:sizeof(sigaction_t)])

@@ -69,4 +69,10 @@ _Static_assert(sizeof(struct clone_args) >= 80, "struct clone_args lacks set_tid
 #define MSG_STAT_ANY 13
 #endif
 
+/* Linux 3.8 (CONFIG_CHECKPOINT_RESTORE), glibc 2.18 under _GNU_SOURCE: msgrcv
+ * copies the n-th message without removing it. */
+#ifndef MSG_COPY
+#define MSG_COPY 040000
+#endif
+
 #endif /* IDPIN_COMPAT_H */

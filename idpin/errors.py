@@ -6,6 +6,11 @@ IdBusyError to its parent over a pipe).
 """
 import errno
 import os
+from collections.abc import Iterable
+from typing import Any
+
+# A pid or tid, one per pid-namespace level (innermost first), or an IPC id or pty index.
+Id = int | tuple[int, ...]
 
 __all__ = ["IdpinError", "IdBusyError", "LockTimeoutError", "RequestError", "UnsupportedError"]
 
@@ -23,7 +28,7 @@ class IdBusyError(IdpinError, OSError):
     ``errno`` is EBUSY; ``kind`` and ``id`` name what was asked for.
     """
 
-    def __init__(self, kind, id, detail=None):
+    def __init__(self, kind: str, id: Id, detail: str | None = None) -> None:
         self.kind = kind
         self.id = id
         self.detail = detail
@@ -32,10 +37,10 @@ class IdBusyError(IdpinError, OSError):
             message += ": " + detail
         OSError.__init__(self, errno.EBUSY, message)
 
-    def __str__(self):
-        return "[Errno %d] %s" % (self.errno, self.strerror)
+    def __str__(self) -> str:
+        return "[Errno %d] %s" % (errno.EBUSY, self.strerror)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.kind, self.id, self.detail))
 
 
@@ -45,11 +50,11 @@ class RequestError(IdpinError, ValueError):
     Raised before any side effect; the message names the kind and the valid range.
     """
 
-    def __init__(self, message, kind=None):
+    def __init__(self, message: str, kind: str | None = None) -> None:
         self.kind = kind
         ValueError.__init__(self, message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.kind))
 
 
@@ -59,11 +64,11 @@ class UnsupportedError(IdpinError):
     The message says what is missing and the command that would fix it.
     """
 
-    def __init__(self, message, kind=None):
+    def __init__(self, message: str, kind: str | None = None) -> None:
         self.kind = kind
         Exception.__init__(self, message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.kind))
 
 
@@ -77,7 +82,7 @@ class LockTimeoutError(IdpinError, TimeoutError):
     which itself makes an idpin request in the same namespace.
     """
 
-    def __init__(self, lock, timeout, holders=()):
+    def __init__(self, lock: str, timeout: float, holders: Iterable[int] = ()) -> None:
         self.lock = lock
         self.timeout = timeout
         self.holders = tuple(holders)
@@ -95,14 +100,14 @@ class LockTimeoutError(IdpinError, TimeoutError):
         )
         OSError.__init__(self, errno.ETIMEDOUT, message)
 
-    def __str__(self):
-        return self.strerror
+    def __str__(self) -> str:
+        return self.strerror or ""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.lock, self.timeout, self.holders))
 
 
-def _format_id(id):
+def _format_id(id: Id) -> str:
     if isinstance(id, tuple):
         return "(%s)" % ", ".join(str(i) for i in id)
     return str(id)

@@ -24,11 +24,18 @@ A creation by another process that bypasses idpin can still consume an armed
 knob: idpin detects it (the id differs) and raises IdBusyError; the kernel
 offers no way to prevent it.
 """
+__all__ = [
+    "IPC_CREAT", "IPC_EXCL", "IPC_PRIVATE", "KINDS", "Spec", "create_many", "msgget", "remove",
+    "semget", "shmget",
+]
+
 import collections
 import errno
 import json
 import operator
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from . import _sys, knobs, pids, tids
 from .errors import IdBusyError, RequestError, UnsupportedError
@@ -449,22 +456,22 @@ def _settle_unrouted(req, kind, ns, block):
 # -- routed creations -------------------------------------------------------
 
 
-def semget(key, nsems, flags):
+def semget(key: int, nsems: int, flags: int) -> int:
     """semget(2); inside ``request(sem=N)`` the new set gets id N or IdBusyError."""
     return _get("sem", key, nsems, flags)
 
 
-def shmget(key, size, flags):
+def shmget(key: int, size: int, flags: int) -> int:
     """shmget(2); inside ``request(shm=N)`` the new segment gets id N or IdBusyError."""
     return _get("shm", key, size, flags)
 
 
-def msgget(key, flags):
+def msgget(key: int, flags: int) -> int:
     """msgget(2); inside ``request(msg=N)`` the new queue gets id N or IdBusyError."""
     return _get("msg", key, 0, flags)
 
 
-def remove(kind, id):
+def remove(kind: str, id: int) -> None:
     """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
     _sys.ipc_remove(_code(kind), id)
 
@@ -547,7 +554,7 @@ def _noted(ns, kind, id):
     return id
 
 
-def create_pinned(kind, value, key, arg, flags):
+def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
     """Create with id ``value``, or raise IdBusyError leaving no object.
 
     IPC_EXCL is always added: a creation that finds an existing key must fail
@@ -679,7 +686,7 @@ def _check_distinct(specs):
         seen[slot] = spec.id
 
 
-def create_many(specs):
+def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> list[int]:
     """Create many pinned objects under one lock acquisition, all or nothing.
 
     ``specs`` is an iterable of Spec (or tuples/dicts with its fields).
@@ -740,3 +747,8 @@ def _create_one(ns, spec):
 KIND_OBJECTS = {kind: Kind(kind, _validator(kind), arm, disarm) for kind in KINDS}
 for _kind in KIND_OBJECTS.values():
     register_kind(_kind)
+
+
+def __dir__() -> list[str]:
+    # dir(idpin.ipc) lists its public names, not the modules it imports.
+    return sorted(__all__)

@@ -11,11 +11,14 @@ Only routed calls are honoured (``openpty``/``fork`` here, and os.openpty,
 os.forkpty, pty.openpty, pty.fork while a request is pending): an open of
 /dev/ptmx from C code cannot be steered without the seccomp supervisor.
 """
+__all__ = ["PTMX", "fork", "open_many", "openpty"]
+
 import collections
 import errno
 import os
 import resource
 import time
+from collections.abc import Iterable
 
 from . import _sys, knobs, pids
 from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
@@ -115,7 +118,7 @@ def _check_fd_budget(highest):
         )
 
 
-def open_many(indices, ptmx=PTMX):
+def open_many(indices: Iterable[int], ptmx: str = PTMX) -> dict[int, tuple[int, int]]:
     """Open ptys with exactly these indices in one walk: {index: (master, slave)}.
 
     The fds are close-on-exec, like os.openpty's. All or nothing: a busy index
@@ -176,8 +179,15 @@ def _walk(instance, wanted):
 
 
 def _index_in_use(instance, index):
+    """Whether the index is still allocated after a short look (noise holds one briefly)."""
     # devpts keeps a node for an index exactly as long as its pty is allocated.
-    return os.path.exists(os.path.join(instance.root, str(index)))
+    node = os.path.join(instance.root, str(index))
+    deadline = time.monotonic() + pids.BUSY_RECHECK_SECONDS
+    while os.path.exists(node):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.0005)
+    return False
 
 
 def _walk_once(instance, wanted):
@@ -243,7 +253,7 @@ def _pending_pair():
     return open_many([index])[index], req, index
 
 
-def openpty():
+def openpty() -> tuple[int, int]:
     """os.openpty, honouring this thread's pending pty request."""
     pair, req, index = _pending_pair()
     if req is not None:
@@ -251,7 +261,7 @@ def openpty():
     return pair
 
 
-def fork():
+def fork() -> tuple[int, int]:
     """pty.fork / os.forkpty: (pid, master fd); the child runs on the slave.
 
     Honours this thread's pending pty and pid requests; neither is consumed
@@ -285,3 +295,8 @@ def fork():
 
 
 register_kind(Kind("pty", validate_pty))
+
+
+def __dir__() -> list[str]:
+    # dir(idpin.pty) lists its public names, not the modules it imports.
+    return sorted(__all__)

@@ -13,7 +13,7 @@ import os
 import threading
 
 from . import _sys
-from .errors import RequestError
+from .errors import Id, RequestError
 
 _local = threading.local()
 
@@ -41,16 +41,19 @@ def register_kind(kind):
 class Request:
     """What ``idpin.request(...)`` returns; ``consumed`` maps kind -> id obtained."""
 
-    def __init__(self, ids):
+    ids: dict[str, Id]
+    consumed: dict[str, Id]
+
+    def __init__(self, ids: dict[str, Id]) -> None:
         self.ids = ids
         self.consumed = {}
         self.armed = {}
         self._state = "new"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "idpin.request(%s)" % ", ".join("%s=%r" % kv for kv in self.ids.items())
 
-    def __enter__(self):
+    def __enter__(self) -> "Request":
         if self._state != "new":
             raise RuntimeError(
                 "%r was already entered; a request is one-shot: create a new one per block" % self
@@ -143,7 +146,7 @@ def _stack():
     return stack
 
 
-def request(**ids):
+def request(**ids: Id | None) -> Request:
     """Ask that this thread's next allocation of each kind get the given id.
 
     Kinds: pid (int, or a tuple innermost first for nested pid namespaces),
@@ -162,7 +165,7 @@ def request(**ids):
     return Request(wanted)
 
 
-def pending(kind):
+def pending(kind: str) -> "tuple[Request, Id] | None":
     """(request, id) that this thread's next ``kind`` allocation must honour, or None."""
     stack = getattr(_local, "stack", None)
     if not stack:

@@ -15,8 +15,19 @@ import importlib
 import os
 import signal
 
+from typing import TYPE_CHECKING
+
 from ._abi import *  # noqa: F401,F403  (constants are part of the interface)
 from ._glibc import tid_cache_offset  # noqa: F401
+
+if TYPE_CHECKING:
+    # Type checkers read the interface off the ctypes twin (the Cython
+    # module, which has the same signatures, carries no type information);
+    # at run time use() puts the chosen backend's functions here.
+    from ._ctypes import (  # noqa: F401
+        clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
+        ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
+        pty_peer, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -35,12 +46,21 @@ INTERFACE = (
     "ipc_stat_index",
     "ipc_count",
     "ipc_create_pinned",
+    "sem_getall",
+    "msg_copy",
+    "shm_read",
     "record_write",
     "record_read",
     "record_remove",
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    "sigaction",
+    # the parallel restore (idpin.restore)
+    "clone3_sibling",
+    "ipc_sem_setall",
+    "ipc_msg_send",
+    "ipc_shm_write",
 )
 
 BACKENDS = ("cython", "ctypes")

@@ -55,7 +55,9 @@ def _clone_args(set_tid, flags=0, child_tid=0):
     args = _CloneArgs(
         flags=flags,
         child_tid=child_tid,
-        exit_signal=signal.SIGCHLD,
+        # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+        # then takes the caller's own, which is SIGCHLD for a forked caller.
+        exit_signal=0 if flags & _abi.CLONE_PARENT else signal.SIGCHLD,
         set_tid=ctypes.addressof(tids),
         set_tid_size=len(set_tid),
     )
@@ -77,11 +79,26 @@ def clone3_fork(set_tid, tid_offset):
     Returns 0 in the child and the child's pid in the parent. The GIL is held
     throughout (PyDLL), as os.fork holds it across fork().
     """
+    return _clone3_fork(set_tid, tid_offset, 0)
+
+
+def clone3_sibling(set_tid, tid_offset):
+    """clone3_fork with CLONE_PARENT: the child is the caller's sibling.
+
+    Its parent is the caller's parent (which reaps it and gets its SIGCHLD),
+    so several helpers can create one parent's children in parallel. The init
+    of a pid namespace cannot do this (EINVAL). Returns 0 in the child and
+    the child's pid in the caller.
+    """
+    return _clone3_fork(set_tid, tid_offset, _abi.CLONE_PARENT)
+
+
+def _clone3_fork(set_tid, tid_offset, extra_flags):
     from ._glibc import pthread_self
 
     tid_cache = pthread_self() + tid_offset
     args, tids = _clone_args(
-        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID, tid_cache
+        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID | extra_flags, tid_cache
     )
     head, size = _get_robust_list()
     # Python code runs between these C calls here: a signal handler raising
@@ -267,6 +284,75 @@ def ipc_count(kind):
     return ctypes.cast(_STAT_BUF, ctypes.POINTER(ctypes.c_int))[field]
 
 
+# ------------------------------------------------- IPC contents (capture)
+
+_msgrcv = _libc.msgrcv
+_msgrcv.restype = ctypes.c_ssize_t
+_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_shmat = _libc.shmat
+_shmat.restype = ctypes.c_void_p
+_shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_shmdt = _libc.shmdt
+_shmdt.argtypes = [ctypes.c_void_p]
+_SHMAT_FAILED = ctypes.c_void_p(-1).value
+
+
+def _unsigned_long_at(buf, offset):
+    return ctypes.c_ulong.from_buffer(buf, offset).value
+
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    ds = ctypes.create_string_buffer(_abi.SEMID_DS_SIZE)
+    if _ipc_ctl(_abi.SEM, id, _abi.IPC_STAT, ds) < 0:
+        raise _oserror("semctl IPC_STAT", "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    values = (ctypes.c_ushort * (_unsigned_long_at(ds, _abi.SEMID_DS_NSEMS_OFFSET) + 1))()
+    if _ipc_ctl(_abi.SEM, id, _abi.GETALL, values) < 0:
+        raise _oserror("semctl GETALL", "id %d" % id)
+    return list(values[:-1])
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + size)
+    got = _msgrcv(id, buf, size, index, _abi.IPC_NOWAIT | _abi.MSG_COPY)
+    if got < 0:
+        if ctypes.get_errno() == errno.ENOMSG:
+            return None
+        raise _oserror("msgrcv MSG_COPY", "id %d, message %d" % (id, index))
+    start = ctypes.sizeof(ctypes.c_long)
+    return ctypes.c_long.from_buffer(buf).value, buf.raw[start:start + got]
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    addr = _shmat(id, None, _abi.SHM_RDONLY)
+    if addr == _SHMAT_FAILED:
+        raise _oserror("shmat", "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        ds = ctypes.create_string_buffer(_abi.SHMID_DS_SIZE)
+        if _ipc_ctl(_abi.SHM, id, _abi.IPC_STAT, ds) < 0:
+            raise _oserror("shmctl IPC_STAT", "id %d" % id)
+        size = _unsigned_long_at(ds, _abi.SHMID_DS_SEGSZ_OFFSET)
+        if size > limit:
+            raise OSError(errno.EFBIG, "shm id %d is %d bytes, more than %d" % (id, size, limit))
+        return ctypes.string_at(addr, size)
+    finally:
+        _shmdt(addr)
+
+
 def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     """Arm the knob, create, and remove the object again if its id is wrong.
 
@@ -347,6 +433,42 @@ def record_remove(name):
         code = ctypes.get_errno()
         if code != errno.ENOENT:
             raise OSError(code, os.strerror(code), name)
+_libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.shmat.restype = ctypes.c_void_p
+_libc.shmdt.argtypes = [ctypes.c_void_p]
+
+
+def ipc_sem_setall(id, values):
+    """semctl(id, 0, SETALL): every semaphore of the set at once."""
+    array = (ctypes.c_ushort * max(len(values), 1))()
+    for i, value in enumerate(values):
+        if not 0 <= value <= 0xFFFF:
+            raise OverflowError("semaphore value %d does not fit an unsigned short" % value)
+        array[i] = value
+    if _libc.semctl(ctypes.c_int(id), ctypes.c_int(0), ctypes.c_int(_abi.SETALL), array) < 0:
+        raise _oserror("semctl(SETALL)", "id %d" % id)
+
+
+def ipc_msg_send(id, mtype, data):
+    """msgsnd(id, {mtype, data}, IPC_NOWAIT): a full queue is EAGAIN, never a wait."""
+    body = bytes(data)
+    message = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + max(len(body), 1))
+    ctypes.c_long.from_buffer(message).value = mtype
+    ctypes.memmove(ctypes.addressof(message) + ctypes.sizeof(ctypes.c_long), body, len(body))
+    while _libc.msgsnd(id, message, len(body), _abi.IPC_NOWAIT) != 0:
+        if ctypes.get_errno() != errno.EINTR:
+            raise _oserror("msgsnd", "id %d" % id)
+
+
+def ipc_shm_write(id, data):
+    """Copy ``data`` to the start of segment ``id`` (shmat, memcpy, shmdt)."""
+    body = bytes(data)
+    at = _libc.shmat(id, None, 0)
+    if at is None or at == ctypes.c_void_p(-1).value:
+        raise _oserror("shmat", "id %d" % id)
+    ctypes.memmove(at, body, len(body))
+    _libc.shmdt(ctypes.c_void_p(at))
 
 
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -416,3 +538,36 @@ def ptmx_walk(path, wanted):
 def _close_all(fds):
     for fd in fds:
         os.close(fd)
+
+
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64 and aarch64 (not the kernel's).
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction)]
+
+
+def sigaction(signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    See the Cython backend's docstring: None reads, an int sets that handler
+    with an empty mask and no flags, saved bytes are put back exactly.
+    """
+    new_ptr = None
+    if isinstance(action, bytes):
+        if len(action) != ctypes.sizeof(_Sigaction):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (ctypes.sizeof(_Sigaction), len(action)))
+        new_ptr = ctypes.pointer(_Sigaction.from_buffer_copy(action))
+    elif action is not None:
+        new_ptr = ctypes.pointer(_Sigaction(handler=int(action)))
+    old = _Sigaction()
+    if _libc.sigaction(signum, new_ptr, ctypes.byref(old)) != 0:
+        raise _oserror("sigaction")
+    return old.handler or 0, bytes(old)
