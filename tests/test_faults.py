@@ -971,3 +971,27 @@ def test_item5_a_full_namespace_block_ends_cleanly_when_sigchld_is_ignored(kind)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     assert outcome is None, repr(outcome)
     assert faults.armed_knobs() == {}
+
+
+def no_posix_queues_left(how):
+    if how == "queues_max":
+        with open("/proc/sys/fs/mqueue/queues_max", "w") as f:
+            f.write("0")
+    else:
+        resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
+
+
+@pytest.mark.parametrize("how", ["queues_max", "RLIMIT_MSGQUEUE"])
+@pytest.mark.parametrize("kind", ["msg", "sem"])
+def test_item5_a_full_namespace_without_room_for_a_posix_queue_arms_nothing(kind, how):
+    # idpin records the limits it raises in a POSIX message queue; a
+    # namespace or user with no room for one more must not turn a block's
+    # exit into a raw OSError that leaves the knob armed.
+    no_posix_queues_left(how)
+    faults.fill_namespace(kind)
+    outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                      .__exit__(None, None, None))
+    armed = faults.armed_knobs()
+    faults.force_clean(faults.read_limits())
+    assert outcome is None or isinstance(outcome, idpin.IdpinError), repr(outcome)
+    assert armed == {}, "left armed: %s" % armed
