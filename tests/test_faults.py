@@ -29,7 +29,7 @@ from helpers import knob, reap, wait_until
 SEED = 7
 KILL_TRIALS = 4
 INTERRUPT_TRIALS = 10
-STORM_TRIALS = 5
+STORM_TRIALS = 4
 FOREIGN_TRIALS = 40
 # A deadlock must end within this: idpin's own bounded wait, set to
 # LOCK_TIMEOUT by the scenarios, ends it well before.
