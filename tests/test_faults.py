@@ -999,3 +999,28 @@ def test_item5_a_full_namespace_without_room_for_a_posix_queue_arms_nothing(kind
     faults.force_clean(faults.read_limits())
     assert outcome is None or isinstance(outcome, idpin.IdpinError), repr(outcome)
     assert armed == {}, "left armed: %s" % armed
+
+
+@pytest.mark.parametrize("kind,limit", [("msg", ("msgmni", 0)), ("sem", ("sem", 3))])
+def test_item4_a_limit_changed_after_the_kill_is_not_put_back_by_the_next_user(kind, limit):
+    # A holder killed while a full namespace's limit was raised leaves a
+    # record; the next holder puts the limit back. If someone changed the
+    # limit on purpose since (made room), the record is stale: putting the
+    # old value back would undo their change and fill the namespace again.
+    faults.fill_namespace(kind)
+    worker = ORIGINALS["os.fork"]()
+    if worker == 0:
+        try:
+            kill_at_first_rmid(kind)
+            with idpin.request(**{kind: faults.IPC_IDS[kind]}):
+                pass
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(worker, 0)
+    assert os.WIFSIGNALED(status), "the worker was not killed at IPC_RMID"
+    set_limit(limit[0], limit[1], 500)  # an administrator makes room
+    with idpin.request(sem=SEM_A):  # the next idpin user
+        pass
+    now = faults.read_limits()[limit[0]][limit[1]]
+    remove_all_objects()
+    assert now == "500", "the next idpin user put kernel.%s back to %s" % (limit[0], now)
