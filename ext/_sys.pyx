@@ -1030,3 +1030,283 @@ def sigaction(int signum, action):
         raise _oserror("sigaction", errno)
     return (<uintptr_t>(<void **>&old_action)[0],
             (<char *>&old_action)[:sizeof(sigaction_t)])
+
+
+# ---------------------------------------------------------------- seccomp user notification
+
+from libc.errno cimport ENOENT, EOPNOTSUPP
+from libc.string cimport memcpy
+
+
+def seccomp_listen(bpf, flags):
+    """Install the classic-BPF program ``bpf`` (bytes, 8 per instruction) on
+    this thread with SECCOMP_FILTER_FLAG_NEW_LISTENER | ``flags``; the listener fd.
+
+    Meant for a launcher between fork and exec: the caller has set
+    no_new_privs or holds CAP_SYS_ADMIN.
+    """
+    cdef bytes program = bytes(bpf)
+    cdef sock_fprog prog
+    cdef unsigned long cflags = PyLong_AsUnsignedLongMask(flags) | SECCOMP_FILTER_FLAG_NEW_LISTENER
+    cdef long fd
+    cdef int code
+    if len(program) == 0 or len(program) % sizeof(sock_filter) or len(program) // sizeof(sock_filter) > 4096:
+        raise ValueError("a seccomp filter is 1 to 4096 8-byte BPF instructions, got %d bytes" % len(program))
+    prog.len = <unsigned short>(len(program) // sizeof(sock_filter))
+    prog.filter = <sock_filter *><char *>program
+    with nogil:
+        fd = syscall(SYS_seccomp, <long>SECCOMP_SET_MODE_FILTER, cflags, &prog)
+        code = errno
+    if fd < 0:
+        raise _oserror("seccomp(SET_MODE_FILTER)", code, "flags %#x" % cflags)
+    return fd
+
+
+def seccomp_notif_sizes():
+    """(struct seccomp_notif, seccomp_notif_resp, seccomp_data) sizes as this kernel has them."""
+    cdef notif_sizes sizes
+    if syscall(SYS_seccomp, <long>SECCOMP_GET_NOTIF_SIZES, <long>0, &sizes) != 0:
+        raise _oserror("seccomp(GET_NOTIF_SIZES)", errno)
+    return sizes.seccomp_notif, sizes.seccomp_notif_resp, sizes.seccomp_data
+
+
+def seccomp_action_avail(action):
+    """Whether this kernel knows the filter return value ``action``."""
+    cdef uint32_t caction = <uint32_t>PyLong_AsUnsignedLongMask(action)
+    if syscall(SYS_seccomp, <long>SECCOMP_GET_ACTION_AVAIL, <long>0, &caction) == 0:
+        return True
+    if errno == EOPNOTSUPP:
+        return False
+    raise _oserror("seccomp(GET_ACTION_AVAIL)", errno)
+
+
+
+cdef tuple _notification(seccomp_notif *n):
+    d = &n.data
+    return (n.id, n.pid, d.nr, d.arch, d.instruction_pointer,
+            (d.args[0], d.args[1], d.args[2], d.args[3], d.args[4], d.args[5]))
+
+
+cdef int _recv(int fd, seccomp_notif *n) noexcept nogil:
+    # The kernel refuses a buffer that is not zeroed (it keeps the struct
+    # extensible), so clear it before every receive.
+    memset(n, 0, sizeof(seccomp_notif))
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, n)
+
+
+cdef int _send(int fd, uint64_t id, int64_t val, int32_t error, uint32_t flags) noexcept nogil:
+    cdef seccomp_notif_resp resp
+    memset(&resp, 0, sizeof(resp))
+    resp.id = id
+    resp.val = val
+    resp.error = error
+    resp.flags = flags
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &resp)
+
+
+def notif_recv(fd):
+    """One notification (id, pid, nr, arch, ip, args), or None when the call
+    went away before it was received (ENOENT: a normal event)."""
+    cdef int cfd = _c_int(fd)
+    cdef seccomp_notif n
+    cdef int rc, code
+    while True:
+        with nogil:
+            rc = _recv(cfd, &n)
+            code = errno
+        if rc == 0:
+            return _notification(&n)
+        if code == ENOENT:
+            return None
+        if code != EINTR:
+            raise _oserror("SECCOMP_IOCTL_NOTIF_RECV", code)
+        PyErr_CheckSignals()
+
+
+def notif_send(fd, id, val, error, flags):
+    """Answer notification ``id``: True, or False when its caller is gone (ENOENT)."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cid = id
+    cdef int64_t cval = val
+    cdef int32_t cerror = error
+    cdef uint32_t cflags = flags
+    cdef int rc, code
+    with nogil:
+        rc = _send(cfd, cid, cval, cerror, cflags)
+        code = errno
+    if rc == 0:
+        return True
+    if code == ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_SEND", code, "id %d" % id)
+
+
+def notif_id_valid(fd, id):
+    """Whether notification ``id`` still waits: what was read of its caller's
+    memory since it was received is that call's."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cid = id
+    cdef int rc, code
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &cid)
+        code = errno
+    if rc == 0:
+        return True
+    if code == ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID", code)
+
+
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
+    """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
+
+    flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
+    """
+    cdef int cfd = _c_int(fd)
+    cdef seccomp_notif_addfd add
+    cdef int rc, code
+    memset(&add, 0, sizeof(add))
+    add.id = id
+    add.flags = flags
+    add.srcfd = srcfd
+    add.newfd = newfd
+    add.newfd_flags = newfd_flags
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add)
+        code = errno
+    if rc < 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_ADDFD", code, "id %d" % id)
+    return rc
+
+
+def notif_set_flags(fd, flags):
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (6.6): e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cflags = flags
+    cdef int rc, code
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, cflags)
+        code = errno
+    if rc != 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_SET_FLAGS", code)
+
+
+cdef enum LoopEnd:
+    LOOP_NOTIFIED
+    LOOP_STOPPED
+    LOOP_EXTRA
+    LOOP_FAILED
+
+
+cdef int _loop(int fd, int stop_fd, int extra_fd, uint32_t *control, seccomp_notif *n,
+               int *err) noexcept nogil:
+    # Receive eagerly (a trapped call sleeps interruptibly until received: a
+    # signal then would fail it), answer CONTINUE here for calls nobody asked
+    # anything of, and hand the others back. poll first: a blocked RECV would
+    # not wake when the last target exits or when we are told to stop.
+    cdef pollfd fds[3]
+    fds[0].fd = fd
+    fds[0].events = POLLIN
+    fds[1].fd = stop_fd
+    fds[1].events = POLLIN
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds[2].fd = extra_fd
+    fds[2].events = POLLIN
+    while True:
+        fds[0].revents = 0
+        fds[1].revents = 0
+        fds[2].revents = 0
+        if poll(fds, 3, -1) < 0:
+            if errno == EINTR:
+                continue
+            err[0] = errno
+            return LOOP_FAILED
+        if fds[1].revents:
+            return LOOP_STOPPED
+        if fds[2].revents:
+            return LOOP_EXTRA
+        if not (fds[0].revents & POLLIN):
+            # POLLHUP: every task using the filter is gone.
+            return LOOP_STOPPED
+        if _recv(fd, n) != 0:
+            if errno == ENOENT or errno == EINTR:
+                continue
+            err[0] = errno
+            return LOOP_FAILED
+        if (control[0] and n.data.arch == control[3]
+                and <uint32_t>n.data.nr != control[2]):
+            # ENOENT from SEND: the caller is gone, nothing to answer.
+            _send(fd, n.id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            control[1] += 1
+            continue
+        return LOOP_NOTIFIED
+
+
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
+
+    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    [0] nonzero = answer CONTINUE here for every call of arch [3] whose
+    syscall number is not [2]; [1] counts those answers.
+    """
+    cdef int cfd = _c_int(fd)
+    cdef int cstop = _c_int(stop_fd)
+    cdef int cextra = _c_int(extra_fd)
+    cdef unsigned char[::1] view = control
+    if view.shape[0] < 16:
+        raise ValueError("the loop control buffer needs 4 uint32")
+    cdef uint32_t *ctl = <uint32_t *>&view[0]
+    cdef seccomp_notif n
+    cdef int err = 0
+    cdef int end
+    with nogil:
+        end = _loop(cfd, cstop, cextra, ctl, &n, &err)
+    if end == LOOP_STOPPED:
+        return None
+    if end == LOOP_EXTRA:
+        return ()
+    if end == LOOP_FAILED:
+        raise _oserror("seccomp notification loop", err)
+    return _notification(&n)
+
+
+def process_vm_read(pid, addr, size):
+    """``size`` bytes at ``addr`` in process ``pid`` (check NOTIF_ID_VALID after)."""
+    cdef int cpid = pid
+    cdef Py_ssize_t csize = size
+    cdef iovec local, remote
+    cdef ssize_t got
+    cdef int code
+    buf = bytearray(csize)
+    cdef unsigned char[::1] view = buf
+    if csize == 0:
+        return b""
+    local.iov_base = &view[0]
+    local.iov_len = csize
+    remote.iov_base = <void *><uintptr_t>PyLong_AsUnsignedLongMask(addr)
+    remote.iov_len = csize
+    with nogil:
+        got = process_vm_readv(cpid, &local, 1, &remote, 1, 0)
+        code = errno
+    if got < 0:
+        raise _oserror("process_vm_readv", code, "pid %d" % pid)
+    return bytes(buf[:got])
+
+
+def pidfd_getfd(pidfd, targetfd):
+    """A copy of fd ``targetfd`` of the process behind ``pidfd`` (close-on-exec)."""
+    cdef long rc
+    cdef int code
+    cdef int cpidfd = _c_int(pidfd)
+    cdef int ctarget = _c_int(targetfd)
+    with nogil:
+        rc = syscall(SYS_pidfd_getfd, cpidfd, ctarget, <long>0)
+        code = errno
+    if rc < 0:
+        raise _oserror("pidfd_getfd", code, "fd %d" % targetfd)
+    return rc

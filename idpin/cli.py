@@ -133,6 +133,33 @@ def restore(args: argparse.Namespace, out: TextIO) -> int:
     return restore_command.main(args, out)
 
 
+# -- run -----------------------------------------------------------------------------------
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pid", type=int, help="the program's own pid (default: the plan's root)")
+    p.add_argument("--plan", metavar="FILE", help="a plan (JSON): its processes' 'next' ids")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (EBUSY) allocations the plan does not name, and taken ids")
+    p.add_argument("--here", action="store_true",
+                   help="run in the current namespaces instead of fresh ones (needs privilege)")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
+@command("run", "run a program supervised: its forks, SysV objects and ptys get planned ids",
+         run_arguments)
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import IdpinError
+    from .interpose.run import run as run_supervised
+
+    command_line = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    try:
+        return run_supervised(command_line, pid=args.pid, plan=args.plan, strict=args.strict,
+                              here=args.here)
+    except (IdpinError, ValueError) as err:
+        sys.stderr.write("idpin run: %s\n" % err)
+        return 2
+
+
 # -- the parser and the entry point --------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:

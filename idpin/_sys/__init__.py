@@ -61,6 +61,17 @@ INTERFACE = (
     "ipc_sem_setall",
     "ipc_msg_send",
     "ipc_shm_write",
+    "seccomp_listen",
+    "seccomp_notif_sizes",
+    "seccomp_action_avail",
+    "notif_recv",
+    "notif_send",
+    "notif_id_valid",
+    "notif_addfd",
+    "notif_set_flags",
+    "notif_loop",
+    "process_vm_read",
+    "pidfd_getfd",
 )
 
 BACKENDS = ("cython", "ctypes")

@@ -571,3 +571,226 @@ def sigaction(signum, action):
     if _libc.sigaction(signum, new_ptr, ctypes.byref(old)) != 0:
         raise _oserror("sigaction")
     return old.handler or 0, bytes(old)
+
+
+# ---------------------------------------------------------------- seccomp user notification
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _SeccompData(ctypes.Structure):
+    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32),
+                ("instruction_pointer", ctypes.c_uint64), ("args", ctypes.c_uint64 * 6)]
+
+
+class _Notif(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("data", _SeccompData)]
+
+
+class _NotifResp(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
+
+
+class _NotifAddfd(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("srcfd", ctypes.c_uint32),
+                ("newfd", ctypes.c_uint32), ("newfd_flags", ctypes.c_uint32)]
+
+
+class _NotifSizes(ctypes.Structure):
+    _fields_ = [("notif", ctypes.c_uint16), ("resp", ctypes.c_uint16), ("data", ctypes.c_uint16)]
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_ioctl_ptr = ctypes.CDLL(None, use_errno=True).ioctl
+_ioctl_ptr.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl_ptr.restype = ctypes.c_int
+_poll = _libc.poll
+_poll.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int]
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                                   ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def seccomp_listen(bpf, flags):
+    """Install the classic-BPF program ``bpf`` (bytes, 8 per instruction) on
+    this thread with SECCOMP_FILTER_FLAG_NEW_LISTENER | ``flags``; the listener fd.
+
+    Meant for a launcher between fork and exec: the caller has set
+    no_new_privs or holds CAP_SYS_ADMIN.
+    """
+    program = bytes(bpf)
+    if not program or len(program) % 8 or len(program) // 8 > 4096:
+        raise ValueError("a seccomp filter is 1 to 4096 8-byte BPF instructions, got %d bytes" % len(program))
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    flags = flags | _abi.SECCOMP_FILTER_FLAG_NEW_LISTENER
+    fd = _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_SET_MODE_FILTER),
+                      ctypes.c_ulong(flags), ctypes.byref(prog))
+    if fd < 0:
+        raise _oserror("seccomp(SET_MODE_FILTER)", "flags %#x" % flags)
+    return fd
+
+
+def seccomp_notif_sizes():
+    """(struct seccomp_notif, seccomp_notif_resp, seccomp_data) sizes as this kernel has them."""
+    sizes = _NotifSizes()
+    if _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_GET_NOTIF_SIZES),
+                    ctypes.c_long(0), ctypes.byref(sizes)) != 0:
+        raise _oserror("seccomp(GET_NOTIF_SIZES)")
+    return sizes.notif, sizes.resp, sizes.data
+
+
+def seccomp_action_avail(action):
+    """Whether this kernel knows the filter return value ``action``."""
+    value = ctypes.c_uint32(action)
+    if _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_GET_ACTION_AVAIL),
+                    ctypes.c_long(0), ctypes.byref(value)) == 0:
+        return True
+    if ctypes.get_errno() == errno.EOPNOTSUPP:
+        return False
+    raise _oserror("seccomp(GET_ACTION_AVAIL)")
+
+
+def _notification(n):
+    d = n.data
+    return (n.id, n.pid, d.nr, d.arch, d.instruction_pointer, tuple(d.args))
+
+
+def _recv(fd, n):
+    # The kernel refuses a buffer that is not zeroed: clear it every time.
+    ctypes.memset(ctypes.byref(n), 0, ctypes.sizeof(n))
+    return _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(n))
+
+
+def _send(fd, id, val, error, flags):
+    resp = _NotifResp(id, val, error, flags)
+    return _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_SEND, ctypes.byref(resp))
+
+
+def notif_recv(fd):
+    """One notification (id, pid, nr, arch, ip, args), or None when the call
+    went away before it was received (ENOENT: a normal event)."""
+    n = _Notif()
+    while True:
+        if _recv(fd, n) == 0:
+            return _notification(n)
+        code = ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        if code != errno.EINTR:
+            raise _oserror("SECCOMP_IOCTL_NOTIF_RECV")
+
+
+def notif_send(fd, id, val, error, flags):
+    """Answer notification ``id``: True, or False when its caller is gone (ENOENT)."""
+    if _send(fd, id, val, error, flags) == 0:
+        return True
+    if ctypes.get_errno() == errno.ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_SEND", "id %d" % id)
+
+
+def notif_id_valid(fd, id):
+    """Whether notification ``id`` still waits: what was read of its caller's
+    memory since it was received is that call's."""
+    value = ctypes.c_uint64(id)
+    if _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_ID_VALID, ctypes.byref(value)) == 0:
+        return True
+    if ctypes.get_errno() == errno.ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID")
+
+
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
+    """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
+
+    flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
+    """
+    add = _NotifAddfd(id, flags, srcfd, newfd, newfd_flags)
+    got = _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_ADDFD, ctypes.byref(add))
+    if got < 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_ADDFD", "id %d" % id)
+    return got
+
+
+def notif_set_flags(fd, flags):
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (6.6): e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP."""
+    if _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_SET_FLAGS, ctypes.c_void_p(flags)) != 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_SET_FLAGS")
+
+
+class _Pollfd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+_POLLIN = 1
+
+
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
+
+    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    [0] nonzero = answer CONTINUE here for every call of arch [3] whose
+    syscall number is not [2]; [1] counts those answers.
+    """
+    ctl = (ctypes.c_uint32 * 4).from_buffer(control)
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds = (_Pollfd * 3)(_Pollfd(fd, _POLLIN, 0), _Pollfd(stop_fd, _POLLIN, 0),
+                        _Pollfd(extra_fd, _POLLIN, 0))
+    n = _Notif()
+    while True:
+        fds[0].revents = fds[1].revents = fds[2].revents = 0
+        # poll first: a blocked RECV would not wake when the last target
+        # exits or when we are told to stop. CDLL calls release the GIL.
+        if _poll(fds, 3, -1) < 0:
+            if ctypes.get_errno() == errno.EINTR:
+                continue
+            raise _oserror("seccomp notification loop")
+        if fds[1].revents:
+            return None
+        if fds[2].revents:
+            return ()
+        if not fds[0].revents & _POLLIN:
+            return None
+        if _recv(fd, n) != 0:
+            if ctypes.get_errno() in (errno.ENOENT, errno.EINTR):
+                continue
+            raise _oserror("seccomp notification loop")
+        if ctl[0] and n.data.arch == ctl[3] and (n.data.nr & 0xFFFFFFFF) != ctl[2]:
+            _send(fd, n.id, 0, 0, _abi.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            ctl[1] += 1
+            continue
+        return _notification(n)
+
+
+def process_vm_read(pid, addr, size):
+    """``size`` bytes at ``addr`` in process ``pid`` (check NOTIF_ID_VALID after)."""
+    if size == 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    local = _Iovec(ctypes.addressof(buf), size)
+    remote = _Iovec(addr, size)
+    got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got < 0:
+        raise _oserror("process_vm_readv", "pid %d" % pid)
+    return buf.raw[:got]
+
+
+def pidfd_getfd(pidfd, targetfd):
+    """A copy of fd ``targetfd`` of the process behind ``pidfd`` (close-on-exec)."""
+    fd = _raw_syscall(ctypes.c_long(_abi.SYS_pidfd_getfd), ctypes.c_long(pidfd),
+                      ctypes.c_long(targetfd), ctypes.c_long(0))
+    if fd < 0:
+        raise _oserror("pidfd_getfd", "fd %d" % targetfd)
+    return fd

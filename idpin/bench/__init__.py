@@ -2,6 +2,7 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench supervisor [--quick] [--out DIR]
     idpin bench faults [--quick] [--out DIR]
     idpin bench restore [--quick] [--out DIR]
 
@@ -35,7 +36,9 @@ def add_arguments(p):
                        ("faults", "SIGKILLs, raising signal handlers (one or a storm) and foreign "
                                   "creators at random points, per kind: leftovers and silent wrong "
                                   "ids"),
-                       ("restore", "a whole tree restored and verified, against the same tree forked plainly")):
+                       ("restore", "a whole tree restored and verified, against the same tree forked plainly"),
+                       ("supervisor", "the seccomp supervisor's cost to a program, vs a C supervisor "
+                                      "and vs running unsupervised")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
                            help="a short smoke run that checks correctness invariants only")
@@ -132,8 +135,23 @@ def render_restore(section, out):
     restore_suite.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults, "restore": run_restore}
-RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults, "restore": render_restore}
+def run_supervisor(args, backends):
+    from . import supervisor
+
+    rows, seconds = supervisor.run_suite(args.quick, backends)
+    return {"suite": "supervisor", "seconds": seconds, "rows": rows, "violations": supervisor.violations(rows)}
+
+
+def render_supervisor(section, out):
+    from . import supervisor
+
+    supervisor.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults, "restore": run_restore,
+          "supervisor": run_supervisor}
+RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults, "restore": render_restore,
+          "supervisor": render_supervisor}
 
 
 def plotting_missing():
