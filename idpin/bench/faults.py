@@ -919,6 +919,7 @@ def _time_op(op, rng, runs=3):
 SERIES_LOCK_TIMEOUT = 1.0
 
 
+ATTEMPTS_PER_TRIAL = 2
 # A storm: Ctrl-C pressed again while idpin cleans up after the first one.
 STORM_RAISES = 3
 STORM_INTERVAL = (20e-6, 200e-6)
@@ -930,9 +931,12 @@ def storm_trials(kind, trials, seed):
 
 
 def interrupt_trials(kind, trials, seed, storm=1):
-    """``trials`` runs of ``kind``'s op, each with a timer raising at a random point.
+    """Runs of ``kind``'s op, each with a timer raising at a random point.
 
-    ``storm``: how many times the handler raises per trial (the later ones
+    Runs go on until the handler has raised inside idpin in ``trials`` of
+    them, or ``ATTEMPTS_PER_TRIAL * trials`` runs were made (a timer can
+    also fire in the caller's own lines, or while idpin holds signals back).
+    ``storm``: how many times the handler raises per run (the later ones
     land in idpin's cleanup after the first).
     """
     rng = random.Random(seed)
@@ -950,7 +954,9 @@ def interrupt_trials(kind, trials, seed, storm=1):
     other_thread = OtherThread(persistent=not single_threaded(kind))
     previous = signal.signal(signal.SIGALRM, interrupter)
     try:
-        for trial in range(trials):
+        for attempt in range(ATTEMPTS_PER_TRIAL * trials):
+            if tally.faulted >= trials:
+                break
             got = Got()
             raised_before = interrupter.raised
             interrupter.budget = storm
