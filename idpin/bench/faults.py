@@ -1,12 +1,13 @@
 """``idpin bench faults``: faults at random points of idpin calls, per kind.
 
-Two faults, for every kind of request (``KINDS``):
+Four faults; the first three for every kind of request (``KINDS``):
 
 - kill: a worker process runs one kind's requests in a loop and is
   SIGKILLed after a random delay. Then this process, the next idpin user of
-  the namespace, must find it clean once it has made a request of its own:
-  no object idpin made left, knobs idle, IPC limits as they were, no lock
-  held, and the very ids the worker asked for requestable again.
+  the namespace, must find it clean once it has taken idpin's locks: no
+  object idpin made left, knobs idle (a plain fork gets none of the pids or
+  tids the worker asked for), IPC limits as they were, no lock held, and the
+  very ids the worker asked for requestable again.
 - interrupt: a timer whose handler raises KeyboardInterrupt fires after a
   random delay while this process runs the kind's requests (the handler
   raises only when it lands inside idpin's code, not in the caller's own
@@ -14,6 +15,12 @@ Two faults, for every kind of request (``KINDS``):
   in-process mutex owned (another thread can make a request), no knob armed,
   no object, child, pty or fd idpin made, no request left on the thread's
   stack (a plain fork outside any block gets an ordinary pid).
+- storm: the same, the handler raising up to three times 20-200 us apart
+  (Ctrl-C pressed again while idpin cleans up after the first).
+- foreign (sem, shm, msg): blocks whose own creation idpin does not see
+  (sysv_ipc), beside a process and a thread that create objects without
+  idpin and remove older ones (the object count stays put). A block that
+  ends without an error must have given its object the id.
 
 Each trial reports the problems it found as readable lines, and the ids
 handed out silently wrong. Every trial series runs in a forked runner with
