@@ -1023,3 +1023,34 @@ def test_item4_a_limit_changed_after_the_kill_is_not_put_back_by_the_next_user(k
     now = faults.read_limits()[limit[0]][limit[1]]
     remove_all_objects()
     assert now == "500", "the next idpin user put kernel.%s back to %s" % (limit[0], now)
+
+
+@pytest.mark.parametrize("kind", ["sem", "msg"])
+def test_item1_a_thread_that_began_and_ended_inside_the_block_is_not_credited(kind):
+    # A thread started below threading (as a C extension's pthread_create
+    # would; here _thread.start_new_thread) creates the object and is gone
+    # before the block ends: the process was single-threaded at both ends of
+    # the block, yet the one object that appeared is not the block's.
+    import _thread
+
+    want = faults.IPC_IDS[kind]
+    done = _thread.allocate_lock()
+    done.acquire()
+    theirs = []
+
+    def create():
+        theirs.append((sysv_create(kind), threading.get_native_id()))
+        done.release()
+
+    try:
+        try:
+            with idpin.request(**{kind: want}) as req:
+                _thread.start_new_thread(create, ())
+                assert done.acquire(timeout=10)
+                assert wait_until(lambda: not os.path.exists("/proc/self/task/%d" % theirs[0][1]))
+        except idpin.IdBusyError:
+            pass  # refusing is right
+        assert theirs[0][0] == want, theirs
+        assert kind not in req.consumed, "credited a transient thread's %s %d" % (kind, want)
+    finally:
+        remove_all_objects()
