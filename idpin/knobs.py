@@ -511,7 +511,7 @@ def cached_fds():
     fds = set()
     for namespace in list(_namespaces.values()):
         if namespace.lock._keep_open:
-            fds.update(namespace.lock._idle)
+            fds.update(namespace.lock._fds)  # never closed: idle, or held by a thread
         fds.update(namespace._knobs.values())
     return fds
 
