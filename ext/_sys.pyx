@@ -1321,3 +1321,26 @@ def pidfd_getfd(pidfd, targetfd):
     if rc < 0:
         raise _oserror("pidfd_getfd", code, "fd %d" % targetfd)
     return rc
+
+
+def finish(fn, *args):
+    """``fn(*args)``, called again while it raises, up to EXIT_ATTEMPTS calls; its result.
+
+    For cleanup that must complete even while signal handlers keep raising
+    (Ctrl-C pressed again and again): ``fn`` must be resumable, each call
+    finishing what an interrupted one began. A C loop, so no handler runs
+    between the calls; the first exception propagates once ``fn`` is done.
+    """
+    cdef int attempt
+    first = None
+    for attempt in range(EXIT_ATTEMPTS):
+        try:
+            result = fn(*args)
+        except BaseException as err:
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first

@@ -228,7 +228,13 @@ def _throwaway_with_room(kind):
         raised[path] = " ".join(values)
     changed = {path: texts[path] for path in texts if raised[path].split() != texts[path].split()}
     put_back_recorded_limits()
-    _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
+    try:
+        _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
+    except OSError:
+        # No room for a POSIX queue either (fs.mqueue.queues_max,
+        # RLIMIT_MSGQUEUE): the limits are still put back below, but a
+        # SIGKILL in between would leave them raised.
+        pass
     try:
         try:
             for path in changed:
@@ -575,7 +581,7 @@ def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
         if checked:
             # However far it got (a signal handler may have raised once the
             # object existed, even after the lock was released): no object.
-            _undo_created(kind, value, None)
+            _sys.finish(_undo_created, kind, value, None)
         raise
 
 
@@ -721,12 +727,17 @@ def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> l
             # Every spec's id was free when the lock was taken: an object at
             # one of them now is this batch's, even one a signal handler's
             # exception kept from being recorded.
-            for spec in reversed(specs):
-                _undo_created(spec.kind, spec.id, None)
-            with ns.held(), ns.alloc:
-                for kind in KINDS:
-                    restore_knob(kind, ns)
+            _sys.finish(_undo_batch, ns, specs)
         raise
+
+
+def _undo_batch(ns, specs):
+    """Resumable: remove what a batch made, and leave the knobs as blocks expect."""
+    for spec in reversed(specs):
+        _undo_created(spec.kind, spec.id, None)
+    with ns.held(), ns.alloc:
+        for kind in KINDS:
+            restore_knob(kind, ns)
 
 
 def _create_one(ns, spec):

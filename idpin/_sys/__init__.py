@@ -146,12 +146,28 @@ def _python_resumable_exit(self, exc_type, exc, tb):
     raise first
 
 
+def _python_finish(fn, *args):
+    """``fn(*args)``, called again while it raises (see the extension's ``finish``)."""
+    first = None
+    for _ in range(16):
+        try:
+            result = fn(*args)
+        except BaseException as err:  # noqa: B902 - finished by the next call
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first
+
+
 try:
-    # Control flow, not a syscall: taken from the extension whichever
+    # Control flow, not syscalls: taken from the extension whichever
     # backend makes the syscalls.
-    from ._cython import resumable_exit
+    from ._cython import finish, resumable_exit
 except ImportError:
-    resumable_exit = _python_resumable_exit
+    finish, resumable_exit = _python_finish, _python_resumable_exit
 
 try:
     tid_cache_offset()
