@@ -22,7 +22,7 @@ import signal
 import time
 
 from . import _sys, knobs
-from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, RequestError, UnsupportedError
+from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
 from .request import Kind, pending, register_kind, validate_int
 
@@ -185,6 +185,19 @@ def children_in_new_pid_namespace() -> bool:
 
 def pinned_fork(value, mechanism=None):
     set_tid = set_tid_of(value)
+    try:
+        return _pinned_fork(set_tid, value, mechanism)
+    except (IdpinError, OSError):
+        raise  # refused: no child
+    except BaseException:
+        # A signal handler's exception, possibly after the fork completed (a
+        # lock's release after it is a C call, after which a handler runs):
+        # the caller will never know that child.
+        undo_interrupted_fork(set_tid[0])
+        raise
+
+
+def _pinned_fork(set_tid, value, mechanism):
     if choose_mechanism(set_tid, mechanism) == "clone3":
         try:
             return fork_clone3(value)

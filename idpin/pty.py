@@ -140,6 +140,7 @@ def open_many(indices: Iterable[int], ptmx: str = PTMX) -> dict[int, tuple[int, 
     lock = knobs.directory_lock(instance.root, "pts")
     pairs = {}
     walk_failed = False
+    in_use = _indices_in_use(instance)
     try:
         with lock.held():
             # Held back until every pty is paired or closed again.
@@ -156,7 +157,7 @@ def open_many(indices: Iterable[int], ptmx: str = PTMX) -> dict[int, tuple[int, 
             # Every wanted index was free when the walk began: a pty at one
             # of them now is this call's, even one an exception (a signal
             # handler's) kept from ``pairs``.
-            _close_ptys_at(instance, wanted, pairs)
+            _close_ptys_at(instance, wanted, pairs, in_use)
         raise
 
 
@@ -218,16 +219,24 @@ def _with_slaves(masters):
     return pairs
 
 
-def _close_ptys_at(instance, wanted, pairs):
-    """Close every fd of this process on a pty at one of ``wanted``'s indices."""
+def _indices_in_use(instance):
+    return {int(name) for name in os.listdir(instance.root) if name.isdigit()}
+
+
+def _close_ptys_at(instance, wanted, pairs, in_use):
+    """Close every fd of this process on a pty this walk took.
+
+    The walk took the ``wanted`` indices and, as fillers, lower ones: every
+    index not in use before it (``in_use``) up to the highest wanted one.
+    """
     for master, slave in pairs.values():
         for fd in (master, slave):
             try:
                 os.close(fd)
             except OSError:
                 pass
-    wanted = set(wanted)
-    slaves = {os.path.join(instance.root, str(index)) for index in wanted}
+    taken = set(range(max(wanted) + 1)) - in_use
+    slaves = {os.path.join(instance.root, str(index)) for index in taken}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
@@ -238,7 +247,7 @@ def _close_ptys_at(instance, wanted, pairs):
             os.close(fd)
         elif os.path.basename(target) == "ptmx":
             try:
-                if _sys.pty_index(fd) in wanted:
+                if _sys.pty_index(fd) in taken:
                     os.close(fd)
             except OSError:
                 pass
