@@ -26,6 +26,7 @@ cdef extern from "compat.h" nogil:
         SYS_set_robust_list
         CLONE_CHILD_SETTID
         CLONE_CHILD_CLEARTID
+        CLONE_PARENT
         MAX_PID_NS_LEVEL
 
         TIOCGPTN
@@ -36,14 +37,16 @@ cdef extern from "compat.h" nogil:
         SEM_STAT_ANY
         SHM_STAT_ANY
         MSG_STAT_ANY
+        SETALL
+        IPC_NOWAIT
 
     ctypedef int key_t
 
-    # Only their sizes matter: *_STAT_ANY fills one of them.
+    # *_STAT_ANY fills one of them; a capture reads the two sizes.
     struct semid_ds:
-        pass
+        unsigned long sem_nsems
     struct shmid_ds:
-        pass
+        size_t shm_segsz
     struct msqid_ds:
         pass
 
@@ -53,8 +56,22 @@ cdef extern from "compat.h" nogil:
     int semctl(int semid, int semnum, int cmd, ...)
     int shmctl(int shmid, int cmd, shmid_ds *buf)
     int msgctl(int msqid, int cmd, msqid_ds *buf)
+    int msgsnd(int msqid, const void *msgp, size_t msgsz, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
     int ioctl(int fd, unsigned long request, ...)
+
+    # Reading objects' contents (idpin.restore.capture).
+    enum:
+        IPC_STAT
+        IPC_NOWAIT
+        GETALL
+        SHM_RDONLY
+        MSG_COPY
+    ssize_t msgrcv(int msqid, void *msgp, size_t msgsz, long msgtyp, int msgflg)
+    void *shmat(int shmid, const void *shmaddr, int shmflg)
+    int shmdt(const void *shmaddr)
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -89,3 +106,80 @@ cdef extern from "Python.h":
     void PyOS_BeforeFork()
     void PyOS_AfterFork_Parent()
     void PyOS_AfterFork_Child()
+
+
+# seccomp user notification (compat.h supplies what the host's headers lack).
+from libc.stdint cimport uint16_t, uint32_t, int32_t, int64_t
+
+cdef extern from "compat.h" nogil:
+    enum:
+        SYS_seccomp
+        SYS_pidfd_getfd
+        SECCOMP_SET_MODE_FILTER
+        SECCOMP_GET_ACTION_AVAIL
+        SECCOMP_GET_NOTIF_SIZES
+        SECCOMP_FILTER_FLAG_NEW_LISTENER
+        SECCOMP_USER_NOTIF_FLAG_CONTINUE
+        SECCOMP_IOCTL_NOTIF_RECV
+        SECCOMP_IOCTL_NOTIF_SEND
+        SECCOMP_IOCTL_NOTIF_ID_VALID
+        SECCOMP_IOCTL_NOTIF_ADDFD
+        SECCOMP_IOCTL_NOTIF_SET_FLAGS
+        POLLIN
+        POLLHUP
+        POLLERR
+        POLLNVAL
+
+    struct sock_filter:
+        uint16_t code
+        unsigned char jt
+        unsigned char jf
+        uint32_t k
+
+    struct sock_fprog:
+        unsigned short len
+        sock_filter *filter
+
+    struct seccomp_data:
+        int nr
+        uint32_t arch
+        uint64_t instruction_pointer
+        uint64_t args[6]
+
+    struct seccomp_notif:
+        uint64_t id
+        uint32_t pid
+        uint32_t flags
+        seccomp_data data
+
+    struct seccomp_notif_resp:
+        uint64_t id
+        int64_t val
+        int32_t error
+        uint32_t flags
+
+    struct seccomp_notif_addfd:
+        uint64_t id
+        uint32_t flags
+        uint32_t srcfd
+        uint32_t newfd
+        uint32_t newfd_flags
+
+    struct notif_sizes "seccomp_notif_sizes":
+        uint16_t seccomp_notif
+        uint16_t seccomp_notif_resp
+        uint16_t seccomp_data
+
+    struct pollfd:
+        int fd
+        short events
+        short revents
+
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    ssize_t process_vm_readv(int pid, const iovec *local_iov, unsigned long liovcnt,
+                             const iovec *remote_iov, unsigned long riovcnt, unsigned long flags)

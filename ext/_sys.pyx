@@ -17,7 +17,7 @@ from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
 from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
 from posix.unistd cimport close, pread, pwrite, _exit, getpid, fork as c_fork
@@ -100,7 +100,9 @@ cdef void _clone_args(clone_args *args, const int *tids, Py_ssize_t n,
     memset(args, 0, sizeof(clone_args))
     args.flags = flags
     args.child_tid = child_tid
-    args.exit_signal = SIGCHLD
+    # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+    # then takes the caller's own, which is SIGCHLD for a forked caller.
+    args.exit_signal = 0 if flags & CLONE_PARENT else SIGCHLD
     args.set_tid = <uint64_t><uintptr_t>tids
     args.set_tid_size = <uint64_t>n
 
@@ -110,6 +112,21 @@ def clone3_fork(set_tid, tid_offset):
 
     Returns 0 in the child and the child's pid in the parent.
     """
+    return _clone3_fork(set_tid, tid_offset, 0)
+
+
+def clone3_sibling(set_tid, tid_offset):
+    """clone3_fork with CLONE_PARENT: the child is the caller's sibling.
+
+    Its parent is the caller's parent (which reaps it and gets its SIGCHLD),
+    so several helpers can create one parent's children in parallel. The init
+    of a pid namespace cannot do this (EINVAL). Returns 0 in the child and
+    the child's pid in the caller.
+    """
+    return _clone3_fork(set_tid, tid_offset, CLONE_PARENT)
+
+
+cdef object _clone3_fork(set_tid, tid_offset, uint64_t extra_flags):
     cdef int tids[MAX_PID_NS_LEVEL]
     cdef clone_args args
     cdef void *robust_head = NULL
@@ -123,7 +140,7 @@ def clone3_fork(set_tid, tid_offset):
     # there, CHILD_CLEARTID clears it at exit. These are the flags glibc's
     # fork passes for the same field.
     _clone_args(&args, tids, len(items),
-                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID,
+                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | extra_flags,
                 <uint64_t><uintptr_t>(<char *>pthread_self() + offset))
     # A new task starts with no robust futex list; glibc's fork registers the
     # parent's head again in the child, so read it while we still can.
@@ -424,6 +441,97 @@ def ipc_count(kind):
     return (<int *>&buf)[field]
 
 
+# ------------------------------------------------- IPC contents (capture)
+
+from libc.errno cimport EFBIG, ENOMSG
+
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    cdef int cid = _c_int(id)
+    cdef semid_ds ds
+    cdef unsigned short *values
+    cdef unsigned long n, i
+    cdef int rc, code
+    with nogil:
+        rc = semctl(cid, 0, IPC_STAT, &ds)
+        code = errno
+    if rc < 0:
+        raise _oserror("semctl IPC_STAT", code, "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    n = ds.sem_nsems
+    values = <unsigned short *>malloc((n + 1) * sizeof(unsigned short))
+    if values == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = semctl(cid, 0, GETALL, values)
+            code = errno
+        if rc < 0:
+            raise _oserror("semctl GETALL", code, "id %d" % id)
+        return [values[i] for i in range(n)]
+    finally:
+        free(values)
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    cdef int cid = _c_int(id)
+    cdef long cindex = index
+    cdef size_t csize = size
+    cdef char *buf = <char *>malloc(sizeof(long) + csize)
+    cdef ssize_t got
+    cdef int code
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            got = msgrcv(cid, buf, csize, cindex, IPC_NOWAIT | MSG_COPY)
+            code = errno
+        if got < 0:
+            if code == ENOMSG:
+                return None
+            raise _oserror("msgrcv MSG_COPY", code, "id %d, message %d" % (id, index))
+        return (<long *>buf)[0], buf[sizeof(long):sizeof(long) + got]
+    finally:
+        free(buf)
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    cdef int cid = _c_int(id)
+    cdef shmid_ds ds
+    cdef void *addr
+    cdef int rc, code
+    with nogil:
+        addr = shmat(cid, NULL, SHM_RDONLY)
+        code = errno
+    if addr == <void *>-1:
+        raise _oserror("shmat", code, "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        with nogil:
+            rc = shmctl(cid, IPC_STAT, &ds)
+            code = errno
+        if rc < 0:
+            raise _oserror("shmctl IPC_STAT", code, "id %d" % id)
+        if ds.shm_segsz > limit:
+            raise OSError(EFBIG, "shm id %d is %d bytes, more than %d" % (id, ds.shm_segsz, limit))
+        return (<char *>addr)[:ds.shm_segsz]
+    finally:
+        shmdt(addr)
+
+
 cdef enum PinStep:
     PIN_DONE
     PIN_KNOB
@@ -493,6 +601,74 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     if pin.step == PIN_RMID:
         raise _oserror("IPC_RMID", pin.err, "id %d" % pin.got)
     return pin.got
+
+
+# ---------------------------------------------------------------- SysV contents (restore)
+
+def ipc_sem_setall(id, values):
+    """semctl(id, 0, SETALL): every semaphore of the set at once."""
+    cdef int cid = _c_int(id)
+    cdef Py_ssize_t n = len(values)
+    cdef Py_ssize_t i
+    cdef int rc, code
+    cdef unsigned short *array = <unsigned short *>malloc((n if n else 1) * sizeof(unsigned short))
+    if array == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            # An OverflowError here, never a value truncated to another one.
+            array[i] = values[i]
+        with nogil:
+            rc = semctl(cid, 0, SETALL, array)
+            code = errno
+        if rc < 0:
+            raise _oserror("semctl(SETALL)", code, "id %d" % id)
+    finally:
+        free(array)
+
+
+def ipc_msg_send(id, mtype, data):
+    """msgsnd(id, {mtype, data}, IPC_NOWAIT): a full queue is EAGAIN, never a wait."""
+    cdef bytes body = bytes(data)
+    cdef Py_ssize_t size = len(body)
+    cdef int cid = _c_int(id)
+    cdef long ctype = mtype
+    cdef int rc, code
+    cdef char *message = <char *>malloc(sizeof(long) + (size if size else 1))
+    if message == NULL:
+        raise MemoryError()
+    try:
+        (<long *>message)[0] = ctype
+        memcpy(message + sizeof(long), <const char *>body, size)
+        while True:
+            with nogil:
+                rc = msgsnd(cid, message, <size_t>size, IPC_NOWAIT)
+                code = errno
+            if rc == 0:
+                return
+            if code != EINTR:
+                raise _oserror("msgsnd", code, "id %d" % id)
+            PyErr_CheckSignals()
+    finally:
+        free(message)
+
+
+def ipc_shm_write(id, data):
+    """Copy ``data`` to the start of segment ``id`` (shmat, memcpy, shmdt)."""
+    cdef bytes body = bytes(data)
+    cdef Py_ssize_t size = len(body)
+    cdef const char *source = body
+    cdef int cid = _c_int(id)
+    cdef void *at
+    cdef int code
+    with nogil:
+        at = shmat(cid, NULL, 0)
+        code = errno
+    if at == <void *>-1:
+        raise _oserror("shmat", code, "id %d" % id)
+    with nogil:
+        memcpy(at, source, size)
+        shmdt(at)
 
 
 # ---------------------------------------------------------------- ptys
@@ -812,3 +988,325 @@ def record_remove(name):
         code = errno
     if rc < 0 and code != 2:  # ENOENT
         raise _stdlib_error(code, name)
+
+
+# ---------------------------------------------------------------- signal dispositions
+
+from posix.signal cimport sigaction_t, sigaction as c_sigaction, sigemptyset
+from libc.string cimport memcpy
+
+
+def sigaction(int signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    ``action``: None (only read), an int handler (SIG_DFL 0 or SIG_IGN 1, set
+    with an empty mask and no flags, as glibc's system() sets SIG_IGN) or the
+    ``saved`` bytes of an earlier call (put back exactly). ``handler`` is the
+    previous handler's value (0, 1 or an address). Unlike signal.signal it
+    works in any thread and leaves Python's own handler table alone.
+    """
+    cdef sigaction_t new_action, old_action
+    cdef const sigaction_t *new_ptr = NULL
+    cdef bytes saved_new
+    cdef int rc
+    memset(&new_action, 0, sizeof(sigaction_t))
+    memset(&old_action, 0, sizeof(sigaction_t))
+    if isinstance(action, bytes):
+        saved_new = action
+        if len(saved_new) != sizeof(sigaction_t):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (sizeof(sigaction_t), len(saved_new)))
+        memcpy(&new_action, <const char *>saved_new, sizeof(sigaction_t))
+        new_ptr = &new_action
+    elif action is not None:
+        # The handler union is glibc's first member (declared here as a
+        # function, so it is reached through a cast).
+        (<void **>&new_action)[0] = <void *><uintptr_t>int(action)
+        sigemptyset(&new_action.sa_mask)
+        new_ptr = &new_action
+    with nogil:
+        rc = c_sigaction(signum, new_ptr, &old_action)
+    if rc != 0:
+        raise _oserror("sigaction", errno)
+    return (<uintptr_t>(<void **>&old_action)[0],
+            (<char *>&old_action)[:sizeof(sigaction_t)])
+
+
+# ---------------------------------------------------------------- seccomp user notification
+
+from libc.errno cimport ENOENT, EOPNOTSUPP
+from libc.string cimport memcpy
+
+
+def seccomp_listen(bpf, flags):
+    """Install the classic-BPF program ``bpf`` (bytes, 8 per instruction) on
+    this thread with SECCOMP_FILTER_FLAG_NEW_LISTENER | ``flags``; the listener fd.
+
+    Meant for a launcher between fork and exec: the caller has set
+    no_new_privs or holds CAP_SYS_ADMIN.
+    """
+    cdef bytes program = bytes(bpf)
+    cdef sock_fprog prog
+    cdef unsigned long cflags = PyLong_AsUnsignedLongMask(flags) | SECCOMP_FILTER_FLAG_NEW_LISTENER
+    cdef long fd
+    cdef int code
+    if len(program) == 0 or len(program) % sizeof(sock_filter) or len(program) // sizeof(sock_filter) > 4096:
+        raise ValueError("a seccomp filter is 1 to 4096 8-byte BPF instructions, got %d bytes" % len(program))
+    prog.len = <unsigned short>(len(program) // sizeof(sock_filter))
+    prog.filter = <sock_filter *><char *>program
+    with nogil:
+        fd = syscall(SYS_seccomp, <long>SECCOMP_SET_MODE_FILTER, cflags, &prog)
+        code = errno
+    if fd < 0:
+        raise _oserror("seccomp(SET_MODE_FILTER)", code, "flags %#x" % cflags)
+    return fd
+
+
+def seccomp_notif_sizes():
+    """(struct seccomp_notif, seccomp_notif_resp, seccomp_data) sizes as this kernel has them."""
+    cdef notif_sizes sizes
+    if syscall(SYS_seccomp, <long>SECCOMP_GET_NOTIF_SIZES, <long>0, &sizes) != 0:
+        raise _oserror("seccomp(GET_NOTIF_SIZES)", errno)
+    return sizes.seccomp_notif, sizes.seccomp_notif_resp, sizes.seccomp_data
+
+
+def seccomp_action_avail(action):
+    """Whether this kernel knows the filter return value ``action``."""
+    cdef uint32_t caction = <uint32_t>PyLong_AsUnsignedLongMask(action)
+    if syscall(SYS_seccomp, <long>SECCOMP_GET_ACTION_AVAIL, <long>0, &caction) == 0:
+        return True
+    if errno == EOPNOTSUPP:
+        return False
+    raise _oserror("seccomp(GET_ACTION_AVAIL)", errno)
+
+
+
+cdef tuple _notification(seccomp_notif *n):
+    d = &n.data
+    return (n.id, n.pid, d.nr, d.arch, d.instruction_pointer,
+            (d.args[0], d.args[1], d.args[2], d.args[3], d.args[4], d.args[5]))
+
+
+cdef int _recv(int fd, seccomp_notif *n) noexcept nogil:
+    # The kernel refuses a buffer that is not zeroed (it keeps the struct
+    # extensible), so clear it before every receive.
+    memset(n, 0, sizeof(seccomp_notif))
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, n)
+
+
+cdef int _send(int fd, uint64_t id, int64_t val, int32_t error, uint32_t flags) noexcept nogil:
+    cdef seccomp_notif_resp resp
+    memset(&resp, 0, sizeof(resp))
+    resp.id = id
+    resp.val = val
+    resp.error = error
+    resp.flags = flags
+    return ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &resp)
+
+
+def notif_recv(fd):
+    """One notification (id, pid, nr, arch, ip, args), or None when the call
+    went away before it was received (ENOENT: a normal event)."""
+    cdef int cfd = _c_int(fd)
+    cdef seccomp_notif n
+    cdef int rc, code
+    while True:
+        with nogil:
+            rc = _recv(cfd, &n)
+            code = errno
+        if rc == 0:
+            return _notification(&n)
+        if code == ENOENT:
+            return None
+        if code != EINTR:
+            raise _oserror("SECCOMP_IOCTL_NOTIF_RECV", code)
+        PyErr_CheckSignals()
+
+
+def notif_send(fd, id, val, error, flags):
+    """Answer notification ``id``: True, or False when its caller is gone (ENOENT)."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cid = id
+    cdef int64_t cval = val
+    cdef int32_t cerror = error
+    cdef uint32_t cflags = flags
+    cdef int rc, code
+    with nogil:
+        rc = _send(cfd, cid, cval, cerror, cflags)
+        code = errno
+    if rc == 0:
+        return True
+    if code == ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_SEND", code, "id %d" % id)
+
+
+def notif_id_valid(fd, id):
+    """Whether notification ``id`` still waits: what was read of its caller's
+    memory since it was received is that call's."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cid = id
+    cdef int rc, code
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &cid)
+        code = errno
+    if rc == 0:
+        return True
+    if code == ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID", code)
+
+
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
+    """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
+
+    flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
+    """
+    cdef int cfd = _c_int(fd)
+    cdef seccomp_notif_addfd add
+    cdef int rc, code
+    memset(&add, 0, sizeof(add))
+    add.id = id
+    add.flags = flags
+    add.srcfd = srcfd
+    add.newfd = newfd
+    add.newfd_flags = newfd_flags
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add)
+        code = errno
+    if rc < 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_ADDFD", code, "id %d" % id)
+    return rc
+
+
+def notif_set_flags(fd, flags):
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (6.6): e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP."""
+    cdef int cfd = _c_int(fd)
+    cdef uint64_t cflags = flags
+    cdef int rc, code
+    with nogil:
+        rc = ioctl(cfd, SECCOMP_IOCTL_NOTIF_SET_FLAGS, cflags)
+        code = errno
+    if rc != 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_SET_FLAGS", code)
+
+
+cdef enum LoopEnd:
+    LOOP_NOTIFIED
+    LOOP_STOPPED
+    LOOP_EXTRA
+    LOOP_FAILED
+
+
+cdef int _loop(int fd, int stop_fd, int extra_fd, uint32_t *control, seccomp_notif *n,
+               int *err) noexcept nogil:
+    # Receive eagerly (a trapped call sleeps interruptibly until received: a
+    # signal then would fail it), answer CONTINUE here for calls nobody asked
+    # anything of, and hand the others back. poll first: a blocked RECV would
+    # not wake when the last target exits or when we are told to stop.
+    cdef pollfd fds[3]
+    fds[0].fd = fd
+    fds[0].events = POLLIN
+    fds[1].fd = stop_fd
+    fds[1].events = POLLIN
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds[2].fd = extra_fd
+    fds[2].events = POLLIN
+    while True:
+        fds[0].revents = 0
+        fds[1].revents = 0
+        fds[2].revents = 0
+        if poll(fds, 3, -1) < 0:
+            if errno == EINTR:
+                continue
+            err[0] = errno
+            return LOOP_FAILED
+        if fds[1].revents:
+            return LOOP_STOPPED
+        if fds[2].revents:
+            return LOOP_EXTRA
+        if not (fds[0].revents & POLLIN):
+            # POLLHUP: every task using the filter is gone.
+            return LOOP_STOPPED
+        if _recv(fd, n) != 0:
+            if errno == ENOENT or errno == EINTR:
+                continue
+            err[0] = errno
+            return LOOP_FAILED
+        if (control[0] and n.data.arch == control[3]
+                and <uint32_t>n.data.nr != control[2]):
+            # ENOENT from SEND: the caller is gone, nothing to answer.
+            _send(fd, n.id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            control[1] += 1
+            continue
+        return LOOP_NOTIFIED
+
+
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
+
+    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    [0] nonzero = answer CONTINUE here for every call of arch [3] whose
+    syscall number is not [2]; [1] counts those answers.
+    """
+    cdef int cfd = _c_int(fd)
+    cdef int cstop = _c_int(stop_fd)
+    cdef int cextra = _c_int(extra_fd)
+    cdef unsigned char[::1] view = control
+    if view.shape[0] < 16:
+        raise ValueError("the loop control buffer needs 4 uint32")
+    cdef uint32_t *ctl = <uint32_t *>&view[0]
+    cdef seccomp_notif n
+    cdef int err = 0
+    cdef int end
+    with nogil:
+        end = _loop(cfd, cstop, cextra, ctl, &n, &err)
+    if end == LOOP_STOPPED:
+        return None
+    if end == LOOP_EXTRA:
+        return ()
+    if end == LOOP_FAILED:
+        raise _oserror("seccomp notification loop", err)
+    return _notification(&n)
+
+
+def process_vm_read(pid, addr, size):
+    """``size`` bytes at ``addr`` in process ``pid`` (check NOTIF_ID_VALID after)."""
+    cdef int cpid = pid
+    cdef Py_ssize_t csize = size
+    cdef iovec local, remote
+    cdef ssize_t got
+    cdef int code
+    buf = bytearray(csize)
+    cdef unsigned char[::1] view = buf
+    if csize == 0:
+        return b""
+    local.iov_base = &view[0]
+    local.iov_len = csize
+    remote.iov_base = <void *><uintptr_t>PyLong_AsUnsignedLongMask(addr)
+    remote.iov_len = csize
+    with nogil:
+        got = process_vm_readv(cpid, &local, 1, &remote, 1, 0)
+        code = errno
+    if got < 0:
+        raise _oserror("process_vm_readv", code, "pid %d" % pid)
+    return bytes(buf[:got])
+
+
+def pidfd_getfd(pidfd, targetfd):
+    """A copy of fd ``targetfd`` of the process behind ``pidfd`` (close-on-exec)."""
+    cdef long rc
+    cdef int code
+    cdef int cpidfd = _c_int(pidfd)
+    cdef int ctarget = _c_int(targetfd)
+    with nogil:
+        rc = syscall(SYS_pidfd_getfd, cpidfd, ctarget, <long>0)
+        code = errno
+    if rc < 0:
+        raise _oserror("pidfd_getfd", code, "fd %d" % targetfd)
+    return rc

@@ -69,4 +69,50 @@ _Static_assert(sizeof(struct clone_args) >= 80, "struct clone_args lacks set_tid
 #define MSG_STAT_ANY 13
 #endif
 
+/* Linux 3.8 (CONFIG_CHECKPOINT_RESTORE), glibc 2.18 under _GNU_SOURCE: msgrcv
+ * copies the n-th message without removing it. */
+#ifndef MSG_COPY
+#define MSG_COPY 040000
+#endif
+
+/* seccomp user notification. linux/seccomp.h of Linux 6.1 (this build host)
+ * lacks the 6.6 names; older headers may lack the 5.9-5.19 ones too. */
+#include <poll.h>
+#include <sys/uio.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438 /* 5.6, the unified syscall table */
+#endif
+#ifndef SECCOMP_FILTER_FLAG_NEW_LISTENER
+#define SECCOMP_FILTER_FLAG_NEW_LISTENER (1UL << 3)
+#endif
+#ifndef SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+#define SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (1UL << 5) /* 5.19 */
+#endif
+#ifndef SECCOMP_USER_NOTIF_FLAG_CONTINUE
+#define SECCOMP_USER_NOTIF_FLAG_CONTINUE (1UL << 0) /* 5.5 */
+#endif
+#ifndef SECCOMP_ADDFD_FLAG_SEND
+#define SECCOMP_ADDFD_FLAG_SEND (1UL << 1) /* 5.14 */
+#endif
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64) /* 6.6 */
+#endif
+#ifndef SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+#define SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (1UL << 0) /* 6.6 */
+#endif
+#ifndef SECCOMP_IOCTL_NOTIF_ADDFD
+/* 5.9: older headers lack the struct as well as the ioctl. */
+struct seccomp_notif_addfd {
+    __u64 id;
+    __u32 flags;
+    __u32 srcfd;
+    __u32 newfd;
+    __u32 newfd_flags;
+};
+#define SECCOMP_IOCTL_NOTIF_ADDFD SECCOMP_IOW(3, struct seccomp_notif_addfd)
+#endif
+
 #endif /* IDPIN_COMPAT_H */

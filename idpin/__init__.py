@@ -20,16 +20,17 @@ from .pids import fork
 from .probe import Capability, probe
 from .interpose import stdlib as _stdlib
 from .interpose.stdlib import install, installed, uninstall
+from .interpose.supervisor import Supervisor
 
 __version__ = "0.1.0"
 __all__ = [
     "Capability", "IdBusyError", "IdpinError", "LockTimeoutError", "Request", "RequestError",
-    "UnsupportedError", "fork", "install", "installed", "ipc", "lock_timeout", "probe", "pty",
-    "request", "set_lock_timeout", "uninstall",
+    "Supervisor", "UnsupportedError", "fork", "install", "installed", "ipc", "lock_timeout", "probe",
+    "pty", "request", "set_lock_timeout", "uninstall",
 ]
 
 for _name in ("Request", "request", "fork", "probe", "Capability", "install", "installed", "uninstall",
-              "lock_timeout", "set_lock_timeout"):
+              "lock_timeout", "set_lock_timeout", "Supervisor"):
     globals()[_name].__module__ = "idpin"
 
 # Importing idpin routes the stdlib's id-allocating calls through it,

@@ -91,6 +91,75 @@ def bench(args: argparse.Namespace, out: TextIO) -> int:
     return suites.run(args, out)
 
 
+# -- capture -------------------------------------------------------------------------------
+
+def capture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=int, help="the root of the tree")
+    p.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
+    p.add_argument("--freeze", action="store_true",
+                   help="stop the tree (SIGSTOP) while it is read, then resume it")
+
+
+@command("capture", "write the plan of a live process tree and of this IPC namespace (JSON)",
+         capture_arguments)
+def capture(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import IdpinError
+    from .restore import plan
+    from .restore.capture import capture as capture_tree
+
+    try:
+        captured = capture_tree(args.pid, freeze=args.freeze)
+    except IdpinError as err:
+        sys.stderr.write("idpin capture: %s\n" % err)
+        return 1
+    plan.dump(captured, args.output or out)
+    return 0
+
+
+# -- restore -------------------------------------------------------------------------------
+
+def restore_arguments(p: argparse.ArgumentParser) -> None:
+    from .restore import command as restore_command
+
+    restore_command.add_arguments(p)
+
+
+@command("restore", "recreate a plan's process tree with exactly its ids", restore_arguments,
+         "Recreate a plan's process tree, IPC objects and ptys with exactly its ids, verify "
+         "every id, then hold the tree.")
+def restore(args: argparse.Namespace, out: TextIO) -> int:
+    from .restore import command as restore_command
+
+    return restore_command.main(args, out)
+
+
+# -- run -----------------------------------------------------------------------------------
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pid", type=int, help="the program's own pid (default: the plan's root)")
+    p.add_argument("--plan", metavar="FILE", help="a plan (JSON): its processes' 'next' ids")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (EBUSY) allocations the plan does not name, and taken ids")
+    p.add_argument("--here", action="store_true",
+                   help="run in the current namespaces instead of fresh ones (needs privilege)")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
+@command("run", "run a program supervised: its forks, SysV objects and ptys get planned ids",
+         run_arguments)
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    from .errors import IdpinError
+    from .interpose.run import run as run_supervised
+
+    command_line = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    try:
+        return run_supervised(command_line, pid=args.pid, plan=args.plan, strict=args.strict,
+                              here=args.here)
+    except (IdpinError, ValueError) as err:
+        sys.stderr.write("idpin run: %s\n" % err)
+        return 2
+
+
 # -- the parser and the entry point --------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:

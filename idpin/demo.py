@@ -55,6 +55,29 @@ def exact_ids():
     return rows
 
 
+SUPERVISED_SCRIPT = "sleep 0 & echo $!; wait; ipcmk -S 1; script -qc tty /dev/null; ipcrm -s 65543"
+
+
+def supervised_ids():
+    """Rows (kind, requested, obtained) for an unmodified shell script under the supervisor."""
+    import subprocess
+
+    from .interpose.supervisor import Supervisor
+
+    plan = {"idpin_plan": 1, "root": 700, "processes": [
+        {"pid": 700, "next": {"pid": [4200, 4201, 4202, 4203]}},
+        {"pid": 4201, "next": {"sem": [65543]}},
+        {"pid": 4202, "next": {"pty": [7]}},
+    ]}
+    with Supervisor(plan) as sup:
+        proc = sup.spawn(["sh", "-c", "echo $$; " + SUPERVISED_SCRIPT], pid=700, stdout=subprocess.PIPE)
+        words = proc.communicate(timeout=60)[0].decode().split()
+    got = dict(zip(("self", "fork", "sem", "pty"), (words[0], words[1], words[-2] if len(words) > 5 else "?",
+                                                    words[-1])))
+    return [("pid of the program", 700, got["self"]), ("pid of its first fork", 4200, got["fork"]),
+            ("sem id made by ipcmk", 65543, got["sem"]), ("pty opened by script", "/dev/pts/7", got["pty"])]
+
+
 def _naive_fork(pid):
     with open("/proc/sys/kernel/ns_last_pid", "w") as knob:
         knob.write(str(pid - 1))
@@ -118,6 +141,10 @@ def main(out):
         "A wrong pid is a child that silently got another pid than the one asked for.\n"
         "idpin never hands one out: it raises IdBusyError (errno %d) instead.\n" % errno.EBUSY
     )
-    failures = [row for row in ids if str(row[1]) != str(row[2])]
+    supervised = run_in_namespaces(supervised_ids)
+    out.write("\nAn unmodified shell script under the supervisor (idpin run --plan), in fresh namespaces:\n")
+    out.write("  sh -c '%s'\n\n" % SUPERVISED_SCRIPT)
+    out.write(table(("what", "planned", "obtained"), supervised) + "\n")
+    failures = [row for row in ids + supervised if str(row[1]) != str(row[2])]
     failures += [row for row in race_rows if row[0].startswith("idpin") and row[3]]
     return 1 if failures else 0

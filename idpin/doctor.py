@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import _sys
-from .probe import NAMESPACE_OF, Capability, host_namespaces, probe
+from .probe import NAMESPACE_OF, Capability, host_namespaces, probe, probe_supervisor
 
 WIDTH = 79  # at most, per line: an 80-column terminal never wraps it
 HEADER = ("kind", "ok", "mechanism", "reason / fix")
+SUPERVISOR_HEADER = ("feature", "ok", "kernel name", "reason / fix")
 GAP = "  "
 FRESH_NAMESPACES = "'unshare --user --map-root-user --pid --ipc --mount --fork --mount-proc <command>'"
 
@@ -22,6 +23,8 @@ def main(out: TextIO, check: Sequence[str] | None = None) -> int:
     """Write the report; the exit status (1: a kind in ``check`` is unavailable; [] checks all)."""
     caps = probe()
     out.write(table(caps) + "\n\n")
+    out.write("supervisor (idpin run, idpin.Supervisor):\n")
+    out.write(table(probe_supervisor(), SUPERVISOR_HEADER) + "\n\n")
     out.write(wrap(backend_line()) + "\n")
     warning = host_warning(caps, host_namespaces())
     if warning:
@@ -35,12 +38,12 @@ def main(out: TextIO, check: Sequence[str] | None = None) -> int:
     return 0
 
 
-def table(caps: dict[str, Capability]) -> str:
+def table(caps: dict[str, Capability], header: Sequence[str] = HEADER) -> str:
     rows = [(kind, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-") for kind, cap in caps.items()]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADER[:3])]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header[:3])]
     indent = sum(widths) + len(GAP) * len(widths)
     reason_width = WIDTH - indent
-    lines = [_line(widths, HEADER), _line(widths, ["-" * w for w in widths] + ["-" * reason_width])]
+    lines = [_line(widths, header), _line(widths, ["-" * w for w in widths] + ["-" * reason_width])]
     for row in rows:
         reason = textwrap.wrap(row[3], reason_width, break_on_hyphens=False) or [""]
         lines.append(_line(widths, row[:3] + (reason[0],)))

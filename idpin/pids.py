@@ -35,6 +35,8 @@ WRONG_PID_EXIT = 125
 # seconds (each lost attempt costs a child that is killed at once).
 KNOB_ATTEMPTS = 64
 KNOB_RETRY_SECONDS = 0.5
+# How long a taken pid or tid is looked at again before IdBusyError.
+BUSY_RECHECK_SECONDS = 0.05
 
 _clone3_missing = False
 _pid_max_by_namespace = {}
@@ -241,16 +243,28 @@ def fork_clone3(value):
         # Without glibc's tid cache refreshed, the child would be subtly wrong.
         _clone3_missing = True
         raise _Clone3Missing() from err
-    try:
-        return _sys.clone3_fork(set_tid, offset)
-    except OSError as err:
-        if err.errno in (errno.ENOSYS, errno.E2BIG):
-            _clone3_missing = True
-            raise _Clone3Missing() from err
-        raise _translate_clone3_error(err, value) from err
-    except BaseException:
-        undo_interrupted_fork(set_tid[0])
-        raise
+    deadline = time.monotonic() + KNOB_RETRY_SECONDS
+    unseen = 0  # EEXIST with no task to be seen: a process group or session id, or a task just gone
+    while True:
+        try:
+            return _sys.clone3_fork(set_tid, offset)
+        except OSError as err:
+            if err.errno in (errno.ENOSYS, errno.E2BIG):
+                _clone3_missing = True
+                raise _Clone3Missing() from err
+            # A short-lived process outside idpin (a forking program's child)
+            # can hold the pid for a moment: try again once it is free.
+            # A pid used only as a process group or session id looks free
+            # but stays EEXIST: tried again only twice.
+            if err.errno == errno.EEXIST and len(set_tid) == 1 and time.monotonic() < deadline:
+                seen = pid_in_use(set_tid[0])
+                unseen += not seen
+                if (seen and free_soon(set_tid[0])) or (not seen and unseen <= 2):
+                    continue
+            raise _translate_clone3_error(err, value) from err
+        except BaseException:
+            undo_interrupted_fork(set_tid[0])
+            raise
 
 
 def _translate_clone3_error(err, value):
@@ -280,6 +294,22 @@ def _translate_clone3_error(err, value):
     return err
 
 
+def free_soon(pid, seconds=None):
+    """Whether ``pid`` is free, or becomes free within BUSY_RECHECK_SECONDS.
+
+    A process outside idpin's lock can hold a pid for a moment (a forking
+    program's short-lived child): only a pid still taken after that is busy.
+    """
+    if not pid_in_use(pid):
+        return True
+    deadline = time.monotonic() + (BUSY_RECHECK_SECONDS if seconds is None else seconds)
+    while time.monotonic() < deadline:
+        time.sleep(0.0005)
+        if not pid_in_use(pid):
+            return True
+    return False
+
+
 def pid_in_use(pid):
     """Whether a task (process, thread or zombie) has this pid here."""
     try:
@@ -302,13 +332,13 @@ def fork_knob(pid):
     """
     deadline = time.monotonic() + KNOB_RETRY_SECONDS
     for attempt in range(1, KNOB_ATTEMPTS + 1):
-        if pid_in_use(pid):
+        if not free_soon(pid):
             raise IdBusyError("pid", pid, "in use")
         child = _fork_with_knob(pid)
         if child in (0, pid):
             return child
         undo_child(child)
-        if pid_in_use(pid):
+        if not free_soon(pid):
             raise IdBusyError(
                 "pid", pid,
                 "a process forking outside idpin's lock took it between the knob write and "

@@ -48,6 +48,13 @@ def probe() -> dict[str, Capability]:
     return caps
 
 
+def probe_supervisor() -> dict[str, Capability]:
+    """dict feature -> Capability of the seccomp supervisor's kernel features."""
+    from .interpose.features import probe_supervisor as probe_features
+
+    return probe_features()
+
+
 def clone3_errno() -> int:
     return _sys.clone3_probe((os.getpid(),))
 

@@ -179,8 +179,15 @@ def _walk(instance, wanted):
 
 
 def _index_in_use(instance, index):
+    """Whether the index is still allocated after a short look (noise holds one briefly)."""
     # devpts keeps a node for an index exactly as long as its pty is allocated.
-    return os.path.exists(os.path.join(instance.root, str(index)))
+    node = os.path.join(instance.root, str(index))
+    deadline = time.monotonic() + pids.BUSY_RECHECK_SECONDS
+    while os.path.exists(node):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.0005)
+    return False
 
 
 def _walk_once(instance, wanted):

@@ -167,17 +167,31 @@ def _init(write_end: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs:
           backend: str | None, check_leaks: bool) -> NoReturn:
     status = 71
     try:
-        flags = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
-        _sys.mount("proc", "/proc", "proc", flags, None)
-        _sys.mount("devpts", "/dev/pts", "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
-                   "newinstance,ptmxmode=0666,mode=0620")
-        _sys.mount("/dev/pts/ptmx", "/dev/ptmx", None, _sys.MS_BIND, None)
+        mount_proc_and_devpts()
         _run_body(write_end, fn, args, kwargs, backend, check_leaks)
         status = 0
     except BaseException as err:
         _report(write_end, ("setup-error", "%s: %s" % (type(err).__name__, err), traceback.format_exc()))
     finally:
         os._exit(status)
+
+
+def mount_proc_and_devpts() -> None:
+    """In the init of fresh pid+mount namespaces: its own /proc and devpts."""
+    flags = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
+    _sys.mount("proc", "/proc", "proc", flags, None)
+    _sys.mount("devpts", "/dev/pts", "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
+               "newinstance,ptmxmode=0666,mode=0620")
+    _sys.mount("/dev/pts/ptmx", "/dev/ptmx", None, _sys.MS_BIND, None)
+
+
+def enter_namespaces() -> None:
+    """unshare user+pid+ipc+mount (this uid as root there), mounts private.
+
+    The caller must be single-threaded; its next child is the new pid
+    namespace's init, which calls mount_proc_and_devpts().
+    """
+    _enter_namespaces()
 
 
 def _run_body(write_end: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],

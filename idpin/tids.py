@@ -162,7 +162,7 @@ def start_thread(thread: threading.Thread) -> None:
     if found is None:
         return plain_start(thread)
     req, tid = found
-    if pids.pid_in_use(tid):
+    if not pids.free_soon(tid):
         raise IdBusyError("tid", tid, "in use (found before starting the thread)")
     ns = knobs.namespace_lock("pid")
     with ns.held(), ns.alloc:
@@ -200,7 +200,7 @@ def _start_with_tid(ns, tid, function, args, kwargs):
         ns.note("tid", got)
         if got == tid:
             return ident
-        if pids.pid_in_use(tid):
+        if not pids.free_soon(tid):
             raise IdBusyError(
                 "tid", tid,
                 "a process outside idpin's lock took it between the knob write and the "

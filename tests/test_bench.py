@@ -171,3 +171,18 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
     progress.finish()
     text = terminal.getvalue()
     assert "idpin bench race:" in text and "/3" in text and "[idpin bench" not in text
+
+
+@pytest.mark.host
+def test_supervisor_quick_every_planned_id_right_nothing_left(tmp_path):
+    status, text, results = run_quick("supervisor", tmp_path)
+    section = results["supervisor"]
+    assert status == 0, text
+    assert section["ok"] and section["violations"] == [], section["violations"]
+    rows = section["rows"]
+    assert {row["backend"] for row in rows} == {"cython", "ctypes"}
+    names = {row["benchmark"] for row in rows}
+    assert {"pinned fork via supervisor vs unsupervised", "pinned pty via supervisor vs unsupervised",
+            "trapped call, nothing pending (SYNC_WAKE_UP=1)"} <= names
+    for row in rows:
+        assert row["subject"] > 0 and row["floor"] > 0, row

@@ -7,12 +7,10 @@ runner with a deadline (idpin.bench.faults.run_bounded), so a deadlock is a
 failure with a message, never a stuck suite.
 """
 import ctypes
-import errno
 import fcntl
 import os
 import re
 import resource
-import select
 import signal
 import sys
 import threading
@@ -29,12 +27,14 @@ from idpin.interpose import ORIGINALS
 from helpers import knob, reap, wait_until
 
 SEED = 7
-KILL_TRIALS = 6
-INTERRUPT_TRIALS = 12
+KILL_TRIALS = 4
+INTERRUPT_TRIALS = 10
+STORM_TRIALS = 5
+FOREIGN_TRIALS = 40
 # A deadlock must end within this: idpin's own bounded wait, set to
 # LOCK_TIMEOUT by the scenarios, ends it well before.
 HANG_SECONDS = 25.0
-LOCK_TIMEOUT = 1.0
+LOCK_TIMEOUT = 0.5
 IDPIN_DIR = os.path.dirname(os.path.abspath(idpin.__file__)) + os.sep
 
 SEM_A, SEM_B = (3 << 15) | 11, (3 << 15) | 12
@@ -72,6 +72,15 @@ def test_item3_raising_handler_at_random_points_leaves_nothing(kind):
     assert tally["trials"] == INTERRUPT_TRIALS
     # Not vacuous: the handler raised inside idpin in a good share of the trials.
     assert tally["faulted"] >= INTERRUPT_TRIALS // 4, tally
+
+
+@pytest.mark.parametrize("kind", faults.KINDS)
+def test_item3_a_storm_of_raising_handlers_leaves_nothing(kind):
+    # Ctrl-C pressed again while idpin cleans up after the first one.
+    tally = faults.run_bounded(faults.storm_trials, 60, kind, STORM_TRIALS, SEED)
+    assert tally["dirty"] == 0 and tally["wrong"] == 0, describe(tally)
+    assert tally["trials"] == STORM_TRIALS
+    assert tally["faulted"] >= STORM_TRIALS // 4, tally
 
 
 # -- item 1: a creation idpin does not see is credited only when provably the block's ---------
@@ -337,17 +346,20 @@ def lock_held_forever_by_a_foreign_process():
         os._exit(0)
     os.read(ready_read, 1)
     began = time.monotonic()
+    limits, fds_before = faults.read_limits(), testing.open_fds()
     outcome = outcome_of(lambda: idpin.request(sem=SEM_A).__enter__().__exit__(None, None, None))
     waited = time.monotonic() - began
     os.kill(holder, signal.SIGKILL)
     reap(holder)
-    return outcome, holder, waited
+    # The refused block left nothing: no lock, knob, fd or request of its own.
+    return outcome, holder, waited, faults.leftovers(limits, fds_before, {SEM_A})
 
 
 def test_item2_a_lock_held_forever_gives_a_bounded_wait_error_naming_the_holder():
-    outcome, holder, waited = faults.run_bounded(lock_held_forever_by_a_foreign_process, HANG_SECONDS)
+    outcome, holder, waited, left = faults.run_bounded(lock_held_forever_by_a_foreign_process,
+                                                       HANG_SECONDS)
     assert outcome != "ok" and lock_error_or_ok(outcome, holder_pid=holder), outcome
-    assert waited < HANG_SECONDS
+    assert waited < HANG_SECONDS and left == [], (waited, left)
 
 
 # -- item 3: a SIGINT while waiting for the lock -------------------------------------------
@@ -780,7 +792,7 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
     rows = section["rows"]
     assert {(r["fault"], r["kind"], r["backend"]) for r in rows} == {
         (fault, kind, backend) for fault, kind in (("kill", "sem"), ("interrupt", "sem"),
-                                                   ("foreign", "sem-foreign"))
+                                                   ("storm", "sem"), ("foreign", "sem-foreign"))
         for backend in _sys.BACKENDS}
     assert all(r["trials"] >= faults.QUICK["trials"] for r in rows), rows
     assert "left something" in out.getvalue() and "WRONG ids" in out.getvalue()
@@ -791,9 +803,9 @@ def test_item3_and_4_bench_faults_runs_from_the_command_line(tmp_path, monkeypat
 def test_item1_blocks_beside_rotating_foreign_creators_give_no_silent_wrong_credit(kind):
     # A process and a thread create objects without idpin and remove older
     # ones, so the object count stays put (the issue's stress, shortened).
-    tally = faults.run_bounded(faults.foreign_trials, 60, kind, 60, SEED)
+    tally = faults.run_bounded(faults.foreign_trials, 60, kind, FOREIGN_TRIALS, SEED)
     assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
-    assert tally["trials"] == 60
+    assert tally["trials"] == FOREIGN_TRIALS
 
 
 # -- items 3/4: a tid block that ends unused leaves ns_last_pid as it found it ----------------
@@ -901,3 +913,61 @@ def test_item3_a_signal_handler_that_requests_while_its_thread_waits_for_the_loc
     assert outcomes == ["ok", "ok"], outcomes  # the handler's block, then the thread's
     assert free and not held, "the IPC lock is left held by this process (free=%s, held=%s)" % (
         free, held)
+
+
+@pytest.mark.parametrize("kind", ["msg", "sem", "shm"])
+def test_item4_idpins_limit_helper_runs_none_of_the_callers_at_fork_hooks(kind):
+    # In a full namespace idpin forks a helper to make room for its
+    # throwaway. The caller's at-fork hooks are for the caller's forks: in
+    # idpin's helper they run caller code idpin then waits for (a hook that
+    # blocks would block the caller's block exit, holding idpin's lock).
+    faults.fill_namespace(kind)
+    hook_read, hook_write = os.pipe()
+    me = os.getpid()
+    os.register_at_fork(after_in_child=lambda: os.getpid() != me and os.write(hook_write, b"h"))
+    outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                      .__exit__(None, None, None))
+    os.close(hook_write)
+    ran = faults_read(hook_read)
+    assert outcome is None, repr(outcome)  # the helper made room: the block ended cleanly
+    assert ran == "", "the caller's at-fork hook ran in %d idpin helper process(es)" % len(ran)
+
+
+# A daemon that ignores SIGCHLD has its children reaped by the kernel: a
+# waitpid for one of them fails with ECHILD. idpin's own children (a wrongly
+# numbered knob-path child it undoes, the limit helper) must not turn that
+# into a raw ChildProcessError out of the caller's fork or block.
+
+
+def test_item8_undoing_a_wrongly_numbered_child_works_when_sigchld_is_ignored():
+    pid, release = hold_pid_as_a_process_group()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()  # two threads: the knob path
+    try:
+        with pytest.raises(idpin.IdBusyError):
+            with idpin.request(pid=pid):
+                child = os.fork()
+                if child == 0:
+                    os._exit(0)
+    finally:
+        stop.set()
+        parked.join()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.write(release, b"x")
+        os.close(release)
+        reap_everything()
+
+
+@pytest.mark.parametrize("kind", ["msg", "sem"])
+def test_item5_a_full_namespace_block_ends_cleanly_when_sigchld_is_ignored(kind):
+    faults.fill_namespace(kind)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                          .__exit__(None, None, None))
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    assert outcome is None, repr(outcome)
+    assert faults.armed_knobs() == {}

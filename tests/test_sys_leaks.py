@@ -105,3 +105,34 @@ def test_busy_walk_does_not_leak():
     holder = os.openpty()  # index 0 stays busy
     run_many(busy_walk)
     os.close(holder[0]), os.close(holder[1])
+
+
+def test_ipc_content_readers_do_not_leak():
+    import sysv_ipc
+
+    semaphore = _sys.ipc_get(_sys.SEM, _sys.IPC_PRIVATE, 3, 0o600)
+    segment = _sys.ipc_get(_sys.SHM, _sys.IPC_PRIVATE, 8192, 0o600)
+    queue = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX)
+    queue.send(b"m", type=1)
+
+    def read_contents():
+        assert _sys.sem_getall(semaphore) == [0, 0, 0]
+        assert _sys.shm_read(segment, 8192) == bytes(8192)
+        assert _sys.msg_copy(queue.id, 0, 16) == (1, b"m")
+        assert _sys.msg_copy(queue.id, 1, 16) is None
+        for call, args, code in ((_sys.shm_read, (segment, 10), errno.EFBIG),
+                                 (_sys.msg_copy, (queue.id, 0, 0), errno.E2BIG),
+                                 (_sys.sem_getall, (123456,), errno.EINVAL)):
+            try:
+                call(*args)
+            except OSError as err:
+                assert err.errno == code
+            else:
+                raise AssertionError("%s%r did not fail" % (call.__name__, args))
+
+    try:
+        run_many(read_contents)
+    finally:
+        _sys.ipc_remove(_sys.SEM, semaphore)
+        _sys.ipc_remove(_sys.SHM, segment)
+        queue.remove()

@@ -55,7 +55,9 @@ def _clone_args(set_tid, flags=0, child_tid=0):
     args = _CloneArgs(
         flags=flags,
         child_tid=child_tid,
-        exit_signal=signal.SIGCHLD,
+        # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+        # then takes the caller's own, which is SIGCHLD for a forked caller.
+        exit_signal=0 if flags & _abi.CLONE_PARENT else signal.SIGCHLD,
         set_tid=ctypes.addressof(tids),
         set_tid_size=len(set_tid),
     )
@@ -77,11 +79,26 @@ def clone3_fork(set_tid, tid_offset):
     Returns 0 in the child and the child's pid in the parent. The GIL is held
     throughout (PyDLL), as os.fork holds it across fork().
     """
+    return _clone3_fork(set_tid, tid_offset, 0)
+
+
+def clone3_sibling(set_tid, tid_offset):
+    """clone3_fork with CLONE_PARENT: the child is the caller's sibling.
+
+    Its parent is the caller's parent (which reaps it and gets its SIGCHLD),
+    so several helpers can create one parent's children in parallel. The init
+    of a pid namespace cannot do this (EINVAL). Returns 0 in the child and
+    the child's pid in the caller.
+    """
+    return _clone3_fork(set_tid, tid_offset, _abi.CLONE_PARENT)
+
+
+def _clone3_fork(set_tid, tid_offset, extra_flags):
     from ._glibc import pthread_self
 
     tid_cache = pthread_self() + tid_offset
     args, tids = _clone_args(
-        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID, tid_cache
+        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID | extra_flags, tid_cache
     )
     head, size = _get_robust_list()
     # Python code runs between these C calls here: a signal handler raising
@@ -267,6 +284,75 @@ def ipc_count(kind):
     return ctypes.cast(_STAT_BUF, ctypes.POINTER(ctypes.c_int))[field]
 
 
+# ------------------------------------------------- IPC contents (capture)
+
+_msgrcv = _libc.msgrcv
+_msgrcv.restype = ctypes.c_ssize_t
+_msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
+_shmat = _libc.shmat
+_shmat.restype = ctypes.c_void_p
+_shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_shmdt = _libc.shmdt
+_shmdt.argtypes = [ctypes.c_void_p]
+_SHMAT_FAILED = ctypes.c_void_p(-1).value
+
+
+def _unsigned_long_at(buf, offset):
+    return ctypes.c_ulong.from_buffer(buf, offset).value
+
+
+def sem_getall(id):
+    """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
+    ds = ctypes.create_string_buffer(_abi.SEMID_DS_SIZE)
+    if _ipc_ctl(_abi.SEM, id, _abi.IPC_STAT, ds) < 0:
+        raise _oserror("semctl IPC_STAT", "id %d" % id)
+    # A set's nsems is fixed at creation and the id names this set until it
+    # is removed and its index's sequence number wraps (65536 creations).
+    values = (ctypes.c_ushort * (_unsigned_long_at(ds, _abi.SEMID_DS_NSEMS_OFFSET) + 1))()
+    if _ipc_ctl(_abi.SEM, id, _abi.GETALL, values) < 0:
+        raise _oserror("semctl GETALL", "id %d" % id)
+    return list(values[:-1])
+
+
+def msg_copy(id, index, size):
+    """Message ``index`` (0 is the oldest) of queue ``id``, left in the queue.
+
+    Returns (mtype, text) or None when the queue has no such message; E2BIG
+    when the text is longer than ``size`` bytes. msgrcv with MSG_COPY needs
+    CONFIG_CHECKPOINT_RESTORE (ENOSYS without it).
+    """
+    buf = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + size)
+    got = _msgrcv(id, buf, size, index, _abi.IPC_NOWAIT | _abi.MSG_COPY)
+    if got < 0:
+        if ctypes.get_errno() == errno.ENOMSG:
+            return None
+        raise _oserror("msgrcv MSG_COPY", "id %d, message %d" % (id, index))
+    start = ctypes.sizeof(ctypes.c_long)
+    return ctypes.c_long.from_buffer(buf).value, buf.raw[start:start + got]
+
+
+def shm_read(id, limit):
+    """The bytes of segment ``id``, attached read-only and detached again.
+
+    EFBIG, before copying anything, when the segment is larger than ``limit``.
+    """
+    addr = _shmat(id, None, _abi.SHM_RDONLY)
+    if addr == _SHMAT_FAILED:
+        raise _oserror("shmat", "id %d" % id)
+    try:
+        # While attached, the id keeps naming this segment: its size is the
+        # mapping's, so the copy below stays inside it.
+        ds = ctypes.create_string_buffer(_abi.SHMID_DS_SIZE)
+        if _ipc_ctl(_abi.SHM, id, _abi.IPC_STAT, ds) < 0:
+            raise _oserror("shmctl IPC_STAT", "id %d" % id)
+        size = _unsigned_long_at(ds, _abi.SHMID_DS_SEGSZ_OFFSET)
+        if size > limit:
+            raise OSError(errno.EFBIG, "shm id %d is %d bytes, more than %d" % (id, size, limit))
+        return ctypes.string_at(addr, size)
+    finally:
+        _shmdt(addr)
+
+
 def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     """Arm the knob, create, and remove the object again if its id is wrong.
 
@@ -347,6 +433,42 @@ def record_remove(name):
         code = ctypes.get_errno()
         if code != errno.ENOENT:
             raise OSError(code, os.strerror(code), name)
+_libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.shmat.restype = ctypes.c_void_p
+_libc.shmdt.argtypes = [ctypes.c_void_p]
+
+
+def ipc_sem_setall(id, values):
+    """semctl(id, 0, SETALL): every semaphore of the set at once."""
+    array = (ctypes.c_ushort * max(len(values), 1))()
+    for i, value in enumerate(values):
+        if not 0 <= value <= 0xFFFF:
+            raise OverflowError("semaphore value %d does not fit an unsigned short" % value)
+        array[i] = value
+    if _libc.semctl(ctypes.c_int(id), ctypes.c_int(0), ctypes.c_int(_abi.SETALL), array) < 0:
+        raise _oserror("semctl(SETALL)", "id %d" % id)
+
+
+def ipc_msg_send(id, mtype, data):
+    """msgsnd(id, {mtype, data}, IPC_NOWAIT): a full queue is EAGAIN, never a wait."""
+    body = bytes(data)
+    message = ctypes.create_string_buffer(ctypes.sizeof(ctypes.c_long) + max(len(body), 1))
+    ctypes.c_long.from_buffer(message).value = mtype
+    ctypes.memmove(ctypes.addressof(message) + ctypes.sizeof(ctypes.c_long), body, len(body))
+    while _libc.msgsnd(id, message, len(body), _abi.IPC_NOWAIT) != 0:
+        if ctypes.get_errno() != errno.EINTR:
+            raise _oserror("msgsnd", "id %d" % id)
+
+
+def ipc_shm_write(id, data):
+    """Copy ``data`` to the start of segment ``id`` (shmat, memcpy, shmdt)."""
+    body = bytes(data)
+    at = _libc.shmat(id, None, 0)
+    if at is None or at == ctypes.c_void_p(-1).value:
+        raise _oserror("shmat", "id %d" % id)
+    ctypes.memmove(at, body, len(body))
+    _libc.shmdt(ctypes.c_void_p(at))
 
 
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -416,3 +538,259 @@ def ptmx_walk(path, wanted):
 def _close_all(fds):
     for fd in fds:
         os.close(fd)
+
+
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64 and aarch64 (not the kernel's).
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction)]
+
+
+def sigaction(signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    See the Cython backend's docstring: None reads, an int sets that handler
+    with an empty mask and no flags, saved bytes are put back exactly.
+    """
+    new_ptr = None
+    if isinstance(action, bytes):
+        if len(action) != ctypes.sizeof(_Sigaction):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (ctypes.sizeof(_Sigaction), len(action)))
+        new_ptr = ctypes.pointer(_Sigaction.from_buffer_copy(action))
+    elif action is not None:
+        new_ptr = ctypes.pointer(_Sigaction(handler=int(action)))
+    old = _Sigaction()
+    if _libc.sigaction(signum, new_ptr, ctypes.byref(old)) != 0:
+        raise _oserror("sigaction")
+    return old.handler or 0, bytes(old)
+
+
+# ---------------------------------------------------------------- seccomp user notification
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class _SeccompData(ctypes.Structure):
+    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32),
+                ("instruction_pointer", ctypes.c_uint64), ("args", ctypes.c_uint64 * 6)]
+
+
+class _Notif(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("data", _SeccompData)]
+
+
+class _NotifResp(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
+
+
+class _NotifAddfd(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("srcfd", ctypes.c_uint32),
+                ("newfd", ctypes.c_uint32), ("newfd_flags", ctypes.c_uint32)]
+
+
+class _NotifSizes(ctypes.Structure):
+    _fields_ = [("notif", ctypes.c_uint16), ("resp", ctypes.c_uint16), ("data", ctypes.c_uint16)]
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_ioctl_ptr = ctypes.CDLL(None, use_errno=True).ioctl
+_ioctl_ptr.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl_ptr.restype = ctypes.c_int
+_poll = _libc.poll
+_poll.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int]
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                                   ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def seccomp_listen(bpf, flags):
+    """Install the classic-BPF program ``bpf`` (bytes, 8 per instruction) on
+    this thread with SECCOMP_FILTER_FLAG_NEW_LISTENER | ``flags``; the listener fd.
+
+    Meant for a launcher between fork and exec: the caller has set
+    no_new_privs or holds CAP_SYS_ADMIN.
+    """
+    program = bytes(bpf)
+    if not program or len(program) % 8 or len(program) // 8 > 4096:
+        raise ValueError("a seccomp filter is 1 to 4096 8-byte BPF instructions, got %d bytes" % len(program))
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
+    flags = flags | _abi.SECCOMP_FILTER_FLAG_NEW_LISTENER
+    fd = _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_SET_MODE_FILTER),
+                      ctypes.c_ulong(flags), ctypes.byref(prog))
+    if fd < 0:
+        raise _oserror("seccomp(SET_MODE_FILTER)", "flags %#x" % flags)
+    return fd
+
+
+def seccomp_notif_sizes():
+    """(struct seccomp_notif, seccomp_notif_resp, seccomp_data) sizes as this kernel has them."""
+    sizes = _NotifSizes()
+    if _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_GET_NOTIF_SIZES),
+                    ctypes.c_long(0), ctypes.byref(sizes)) != 0:
+        raise _oserror("seccomp(GET_NOTIF_SIZES)")
+    return sizes.notif, sizes.resp, sizes.data
+
+
+def seccomp_action_avail(action):
+    """Whether this kernel knows the filter return value ``action``."""
+    value = ctypes.c_uint32(action)
+    if _raw_syscall(ctypes.c_long(_abi.SYS_seccomp), ctypes.c_long(_abi.SECCOMP_GET_ACTION_AVAIL),
+                    ctypes.c_long(0), ctypes.byref(value)) == 0:
+        return True
+    if ctypes.get_errno() == errno.EOPNOTSUPP:
+        return False
+    raise _oserror("seccomp(GET_ACTION_AVAIL)")
+
+
+def _notification(n):
+    d = n.data
+    return (n.id, n.pid, d.nr, d.arch, d.instruction_pointer, tuple(d.args))
+
+
+def _recv(fd, n):
+    # The kernel refuses a buffer that is not zeroed: clear it every time.
+    ctypes.memset(ctypes.byref(n), 0, ctypes.sizeof(n))
+    return _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_RECV, ctypes.byref(n))
+
+
+def _send(fd, id, val, error, flags):
+    resp = _NotifResp(id, val, error, flags)
+    return _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_SEND, ctypes.byref(resp))
+
+
+def notif_recv(fd):
+    """One notification (id, pid, nr, arch, ip, args), or None when the call
+    went away before it was received (ENOENT: a normal event)."""
+    n = _Notif()
+    while True:
+        if _recv(fd, n) == 0:
+            return _notification(n)
+        code = ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        if code != errno.EINTR:
+            raise _oserror("SECCOMP_IOCTL_NOTIF_RECV")
+
+
+def notif_send(fd, id, val, error, flags):
+    """Answer notification ``id``: True, or False when its caller is gone (ENOENT)."""
+    if _send(fd, id, val, error, flags) == 0:
+        return True
+    if ctypes.get_errno() == errno.ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_SEND", "id %d" % id)
+
+
+def notif_id_valid(fd, id):
+    """Whether notification ``id`` still waits: what was read of its caller's
+    memory since it was received is that call's."""
+    value = ctypes.c_uint64(id)
+    if _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_ID_VALID, ctypes.byref(value)) == 0:
+        return True
+    if ctypes.get_errno() == errno.ENOENT:
+        return False
+    raise _oserror("SECCOMP_IOCTL_NOTIF_ID_VALID")
+
+
+def notif_addfd(fd, id, srcfd, newfd, flags, newfd_flags=0):
+    """Install our ``srcfd`` in the caller of notification ``id``; the fd number there.
+
+    flags: SECCOMP_ADDFD_FLAG_SETFD (at ``newfd``), SECCOMP_ADDFD_FLAG_SEND
+    (also answer the call with that number, atomically); newfd_flags:
+    O_CLOEXEC or 0.
+    """
+    add = _NotifAddfd(id, flags, srcfd, newfd, newfd_flags)
+    got = _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_ADDFD, ctypes.byref(add))
+    if got < 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_ADDFD", "id %d" % id)
+    return got
+
+
+def notif_set_flags(fd, flags):
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (6.6): e.g. SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP."""
+    if _ioctl_ptr(fd, _abi.SECCOMP_IOCTL_NOTIF_SET_FLAGS, ctypes.c_void_p(flags)) != 0:
+        raise _oserror("SECCOMP_IOCTL_NOTIF_SET_FLAGS")
+
+
+class _Pollfd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+_POLLIN = 1
+
+
+def notif_loop(fd, stop_fd, extra_fd, control):
+    """Receive until a call needs idpin: its notification tuple, None when
+    ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
+    none) is readable.
+
+    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    [0] nonzero = answer CONTINUE here for every call of arch [3] whose
+    syscall number is not [2]; [1] counts those answers.
+    """
+    ctl = (ctypes.c_uint32 * 4).from_buffer(control)
+    # The listener is polled before the extra fd: a request written there
+    # before a trapped call is then always seen with (or before) that call.
+    fds = (_Pollfd * 3)(_Pollfd(fd, _POLLIN, 0), _Pollfd(stop_fd, _POLLIN, 0),
+                        _Pollfd(extra_fd, _POLLIN, 0))
+    n = _Notif()
+    while True:
+        fds[0].revents = fds[1].revents = fds[2].revents = 0
+        # poll first: a blocked RECV would not wake when the last target
+        # exits or when we are told to stop. CDLL calls release the GIL.
+        if _poll(fds, 3, -1) < 0:
+            if ctypes.get_errno() == errno.EINTR:
+                continue
+            raise _oserror("seccomp notification loop")
+        if fds[1].revents:
+            return None
+        if fds[2].revents:
+            return ()
+        if not fds[0].revents & _POLLIN:
+            return None
+        if _recv(fd, n) != 0:
+            if ctypes.get_errno() in (errno.ENOENT, errno.EINTR):
+                continue
+            raise _oserror("seccomp notification loop")
+        if ctl[0] and n.data.arch == ctl[3] and (n.data.nr & 0xFFFFFFFF) != ctl[2]:
+            _send(fd, n.id, 0, 0, _abi.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+            ctl[1] += 1
+            continue
+        return _notification(n)
+
+
+def process_vm_read(pid, addr, size):
+    """``size`` bytes at ``addr`` in process ``pid`` (check NOTIF_ID_VALID after)."""
+    if size == 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    local = _Iovec(ctypes.addressof(buf), size)
+    remote = _Iovec(addr, size)
+    got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got < 0:
+        raise _oserror("process_vm_readv", "pid %d" % pid)
+    return buf.raw[:got]
+
+
+def pidfd_getfd(pidfd, targetfd):
+    """A copy of fd ``targetfd`` of the process behind ``pidfd`` (close-on-exec)."""
+    fd = _raw_syscall(ctypes.c_long(_abi.SYS_pidfd_getfd), ctypes.c_long(pidfd),
+                      ctypes.c_long(targetfd), ctypes.c_long(0))
+    if fd < 0:
+        raise _oserror("pidfd_getfd", "fd %d" % targetfd)
+    return fd

@@ -2,7 +2,9 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench supervisor [--quick] [--out DIR]
     idpin bench faults [--quick] [--out DIR]
+    idpin bench restore [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
 knob of the host is ever written. Each suite prints its tables, puts its
@@ -32,13 +34,19 @@ def add_arguments(p):
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
                        ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
                        ("faults", "SIGKILLs and raising signal handlers at random points, per kind: "
-                                  "leftovers and silent wrong ids")):
+                                  "leftovers and silent wrong ids"),
+                       ("restore", "a whole tree restored and verified, against the same tree forked plainly"),
+                       ("supervisor", "the seccomp supervisor's cost to a program, vs a C supervisor "
+                                      "and vs running unsupervised")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
                            help="a short smoke run that checks correctness invariants only")
         suite.add_argument("--plot", action="store_true", help="also draw PNG charts (needs matplotlib)")
         suite.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                            help="where results.json and the charts go (default: %(default)s)")
+        if name == "restore":
+            suite.add_argument("--sizes", metavar="N,N", help="tree sizes (default: 1000,10000)")
+            suite.add_argument("--shapes", metavar="S,S", help="tree shapes (default: flat,mix,binary,chain)")
 
 
 def main(argv, out=None):
@@ -106,8 +114,43 @@ def render_faults(section, out):
     faults.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults}
-RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults}
+def run_restore(args, backends):
+    from . import restore_suite
+
+    def checkpoint(rows):
+        # A full run takes long on a shared machine: keep what is measured so far.
+        write_results(args.out, "restore", {"suite": "restore", "partial": True, "rows": list(rows)})
+
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else None
+    shapes = tuple(args.shapes.split(",")) if args.shapes else None
+    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint, sizes, shapes)
+    return {"suite": "restore", "seconds": seconds, "rows": rows,
+            "violations": restore_suite.violations(rows), "targets": restore_suite.targets(rows)}
+
+
+def render_restore(section, out):
+    from . import restore_suite
+
+    restore_suite.render(section, out)
+
+
+def run_supervisor(args, backends):
+    from . import supervisor
+
+    rows, seconds = supervisor.run_suite(args.quick, backends)
+    return {"suite": "supervisor", "seconds": seconds, "rows": rows, "violations": supervisor.violations(rows)}
+
+
+def render_supervisor(section, out):
+    from . import supervisor
+
+    supervisor.render(section, out)
+
+
+SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults, "restore": run_restore,
+          "supervisor": run_supervisor}
+RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults, "restore": render_restore,
+          "supervisor": render_supervisor}
 
 
 def plotting_missing():

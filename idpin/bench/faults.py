@@ -26,7 +26,7 @@ fds) is recognisable: its IPC objects have mode ``CALLER_MODE``, and the
 ops record whatever idpin handed them. Anything else left is idpin's.
 """
 import collections
-import errno
+import fcntl
 import os
 import pickle
 import random
@@ -303,6 +303,11 @@ def needs_threads(kind):
     return kind in ("pid-knob", "nested")
 
 
+def single_threaded(kind):
+    """Kinds whose op forks with clone3, which idpin uses only in a single-threaded process."""
+    return kind in ("pid-clone3", "pty")
+
+
 # -- namespace state ----------------------------------------------------------------
 
 
@@ -429,31 +434,76 @@ def plain_fork_is_ordinary(wanted_pids):
     return None
 
 
-def another_thread_can_request():
-    """Another thread makes a request of each lock within OTHER_THREAD_SECONDS."""
-    outcome = []
-
-    def request_everything():
-        try:
-            with idpin.request(tid=CHECK_TID, sem=CHECK_SEM):
-                pass
-            for master, slave in idpin.pty.open_many([CHECK_PTY]).values():
-                os.close(master)
-                os.close(slave)
-            outcome.append(None)
-        except BaseException as err:  # reported, not raised: the check's answer
-            outcome.append(err)
-
-    thread = threading.Thread(target=request_everything)
-    thread.start()
-    thread.join(OTHER_THREAD_SECONDS)
-    if thread.is_alive():
-        return ("another thread's request did not finish within %.0f s (an idpin lock or "
-                "mutex left owned); it waits in %s" % (OTHER_THREAD_SECONDS, where_stuck(thread)))
-    _wait_for_threads_gone()
-    if outcome[0] is not None:
-        return "another thread's request raised %r" % outcome[0]
+def _request_everything():
+    """One request of each idpin lock (pid, ipc, pts); None, or what it raised."""
+    try:
+        with idpin.request(sem=CHECK_SEM):  # the IPC lock, after the pid lock
+            pass
+        with idpin.request(tid=CHECK_TID):
+            pass
+        for master, slave in idpin.pty.open_many([CHECK_PTY]).values():
+            os.close(master)
+            os.close(slave)
+    except BaseException as err:  # reported, not raised: the check's answer
+        return err
     return None
+
+
+class OtherThread:
+    """A thread of this process that makes a request of each lock when asked.
+
+    One thread for a whole series (starting a thread per trial costs more
+    than the trial); kinds whose op needs a single-threaded process (the
+    clone3 fork path) start one per check instead (``persistent=False``).
+    """
+
+    def __init__(self, persistent):
+        self.persistent = persistent
+        self.thread = None
+        if persistent:
+            self._ask = threading.Event()
+            self._done = threading.Event()
+            self._stop = False
+            self.thread = threading.Thread(target=self._serve, daemon=True)
+            self.thread.start()
+
+    def _serve(self):
+        while True:
+            self._ask.wait()
+            self._ask.clear()
+            if self._stop:
+                return
+            self.outcome = _request_everything()
+            self._done.set()
+
+    def check(self):
+        """None, or why another thread could not make a request."""
+        if self.persistent:
+            self._done.clear()
+            self._ask.set()
+            finished = self._done.wait(OTHER_THREAD_SECONDS)
+            thread = self.thread
+        else:
+            outcome = []
+            thread = threading.Thread(target=lambda: outcome.append(_request_everything()))
+            thread.start()
+            thread.join(OTHER_THREAD_SECONDS)
+            finished = not thread.is_alive()
+            if finished:
+                _wait_for_threads_gone()
+                self.outcome = outcome[0]
+        if not finished:
+            return ("another thread's request did not finish within %.0f s (an idpin lock or "
+                    "mutex left owned); it waits in %s" % (OTHER_THREAD_SECONDS, where_stuck(thread)))
+        if self.outcome is not None:
+            return "another thread's request raised %r" % self.outcome
+        return None
+
+    def stop(self):
+        if self.persistent and self.thread.is_alive():
+            self._stop = True
+            self._ask.set()
+            self.thread.join(OTHER_THREAD_SECONDS)
 
 
 def where_stuck(thread):
@@ -488,11 +538,34 @@ def _wait_for_threads_gone():
         time.sleep(0.0002)
 
 
-def leftovers(limits, fds_before, wanted_pids, this_process=True):
+LOCK_FILES = ("/proc/self/ns/pid", "/proc/self/ns/ipc", "/dev/pts")
+
+
+def held_lock_files():
+    """The lock files of idpin's locks someone holds a flock on (any process, this one too).
+
+    A probe through a description of its own conflicts with every other
+    description's flock, this process's included; cheaper than /proc/locks,
+    which lists the whole machine's locks.
+    """
+    held = []
+    for path in LOCK_FILES:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(path)
+        finally:
+            os.close(fd)  # drops the probe's own lock with it
+    return held
+
+
+def leftovers(limits, fds_before, wanted_pids, other_thread=None):
     """What the trial left, as lines; cleans it by hand so the next trial starts clean.
 
-    ``this_process``: the trial's faults hit this process (not a killed
-    worker), so its threads must also still be able to make requests.
+    ``other_thread``: the trial's faults hit this process (not a killed
+    worker), so another of its threads must still be able to make requests.
     """
     problems = []
     for kind, id, mode in ipc_objects():
@@ -518,16 +591,19 @@ def leftovers(limits, fds_before, wanted_pids, this_process=True):
         problems.append("pty indices %s left open" % ptys)
     if knobs.any_held():
         problems.append("idpin.knobs.any_held() is true with no block active")
-    for pid, inode in flocks():
-        problems.append("a lock of pid %d on %s left in /proc/locks" % (pid, inode))
+    for path in held_lock_files():
+        holders = ["pid %d" % pid for pid, inode in flocks()
+                   if inode.endswith(":%d" % os.stat(path).st_ino)]
+        problems.append("idpin's lock on %s left held (by %s)" % (
+            path, ", ".join(holders) or "a holder /proc/locks does not name"))
     for kind in ORDER:
         if pending(kind) is not None:
             problems.append("a %s request left on this thread's stack" % kind)
     if problems:
         force_clean(limits)
     checks = [lambda: plain_fork_is_ordinary(wanted_pids)]
-    if this_process:
-        checks.append(another_thread_can_request)
+    if other_thread is not None:
+        checks.append(other_thread.check)
     for check in checks:
         problem = check()
         if problem:
@@ -543,6 +619,25 @@ def _fd_target(fd):
 
 
 # -- the next idpin user ------------------------------------------------------------
+
+
+def after_the_next_user(wanted_pids):
+    """The next idpin user takes every lock (asking for no pid or tid); then no stale knob may act.
+
+    A worker killed with ns_last_pid armed for its pid or tid leaves the next
+    fork anyone makes in the namespace that id, unless the next lock holder
+    puts the cursor back.
+    """
+    try:
+        with idpin.request(sem=CHECK_SEM):  # the IPC lock, after the pid lock
+            pass
+        for master, slave in idpin.pty.open_many([CHECK_PTY]).values():
+            os.close(master)
+            os.close(slave)
+    except idpin.IdpinError as err:
+        return ["the next idpin user's request raised %r" % err]
+    problem = plain_fork_is_ordinary(wanted_pids)
+    return [problem + " (after the next idpin user took every lock)"] if problem else []
 
 
 def request_again(kind):
@@ -642,6 +737,13 @@ def run_bounded(fn, timeout, *args):
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def my_locks_in_proc_locks():
+    """Lines of /proc/locks naming this process (read once per series: it lists the machine's)."""
+    me = os.getpid()
+    return ["/proc/locks still lists a lock of this process on %s" % inode
+            for pid, inode in flocks() if pid == me]
+
+
 class Tally:
     """The outcome of a trial series: counts and the first problems."""
 
@@ -722,7 +824,7 @@ def start_worker(kind, seed, iterations=100000, seconds=20.0, before_loop=None):
     return worker
 
 
-def kill_trials(kind, trials, seed, max_delay=0.02):
+def kill_trials(kind, trials, seed, max_delay=0.01):
     """``trials`` workers of ``kind``, each SIGKILLed after a random delay."""
     rng = random.Random(seed)
     tally = Tally(kind, "kill")
@@ -741,8 +843,9 @@ def kill_trials(kind, trials, seed, max_delay=0.02):
         for obj_kind, id, mode in ipc_objects():
             if mode == CALLER_MODE:  # the worker's own, left when it was killed
                 _sys.ipc_remove(ipc.CODE[obj_kind], id)
-        problems, wrong = request_again(kind)
-        problems += leftovers(limits, fds_before, wanted_pids, this_process=False)
+        problems = after_the_next_user(wanted_pids)
+        more, wrong = request_again(kind)
+        problems += more + leftovers(limits, fds_before, wanted_pids)
         tally.add(problems, wrong)
     return tally.as_dict()
 
@@ -755,13 +858,17 @@ class _Interrupter:
 
     def __init__(self):
         self.raised = 0
+        self.budget = 1  # raises left in this trial; the timer stops at 0
 
     def __call__(self, signum, frame):
         # The interpreter swallows what a weakref callback raises: no fault there.
         if frame is not None and frame.f_code.co_filename.endswith("_weakrefset.py"):
             return
-        if _inside_idpin(frame):
+        if self.budget > 0 and _inside_idpin(frame):
             self.raised += 1
+            self.budget -= 1
+            if self.budget == 0:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             raise KeyboardInterrupt("idpin.bench.faults: raised at a random point")
 
 
@@ -797,11 +904,25 @@ def _time_op(op, rng, runs=3):
 SERIES_LOCK_TIMEOUT = 1.0
 
 
-def interrupt_trials(kind, trials, seed):
-    """``trials`` runs of ``kind``'s op, each with a timer raising at a random point."""
+# A storm: Ctrl-C pressed again while idpin cleans up after the first one.
+STORM_RAISES = 3
+STORM_INTERVAL = (20e-6, 200e-6)
+
+
+def storm_trials(kind, trials, seed):
+    """Like interrupt_trials, with up to STORM_RAISES raises close together per trial."""
+    return interrupt_trials(kind, trials, seed, storm=STORM_RAISES)
+
+
+def interrupt_trials(kind, trials, seed, storm=1):
+    """``trials`` runs of ``kind``'s op, each with a timer raising at a random point.
+
+    ``storm``: how many times the handler raises per trial (the later ones
+    land in idpin's cleanup after the first).
+    """
     rng = random.Random(seed)
     idpin.set_lock_timeout(SERIES_LOCK_TIMEOUT)
-    tally = Tally(kind, "interrupt")
+    tally = Tally(kind, "interrupt" if storm == 1 else "storm")
     _prepare(kind)
     if needs_threads(kind):
         stop, parked = _park_a_thread()
@@ -811,25 +932,28 @@ def interrupt_trials(kind, trials, seed):
     fds_before = testing.open_fds()
     wanted_pids = {v for what, v in WANTED[kind] if what in ("pid", "tid")}
     interrupter = _Interrupter()
+    other_thread = OtherThread(persistent=not single_threaded(kind))
     previous = signal.signal(signal.SIGALRM, interrupter)
     try:
         for trial in range(trials):
             got = Got()
             raised_before = interrupter.raised
-            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, span * 1.2))
+            interrupter.budget = storm
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, span * 1.2),
+                             rng.uniform(*STORM_INTERVAL) if storm > 1 else 0)
             try:
                 op(got, rng)
                 got.completed = True
             except KeyboardInterrupt:
                 pass
-            except idpin.IdpinError as err:
-                got.problems_extra = "the op raised %r" % err
+            except Exception as err:  # noqa: BLE001 - idpin's answer to the fault, reported
+                got.problems_extra = "the op raised %r instead of KeyboardInterrupt" % err
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             if interrupter.raised > raised_before:
                 tally.faulted += 1
             wrong = got.undo()
-            problems = leftovers(limits, fds_before, wanted_pids)
+            problems = leftovers(limits, fds_before, wanted_pids, other_thread)
             extra = getattr(got, "problems_extra", None)
             if extra:
                 problems.append(extra)
@@ -839,9 +963,14 @@ def interrupt_trials(kind, trials, seed):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        other_thread.stop()
         if needs_threads(kind):
             stop.set()
             parked.join()
+    left = my_locks_in_proc_locks()
+    if left:
+        tally.add(left, [])
+        tally.trials -= 1  # a finding of the whole series, not of one more trial
     return tally.as_dict()
 
 
@@ -946,7 +1075,9 @@ def foreign_trials(kind, trials, seed):
                 tally.add([], got.undo())
     finally:
         sys.setswitchinterval(switch)
-    problems = leftovers(limits, fds_before, set(), this_process=True)
+    other_thread = OtherThread(persistent=True)
+    problems = leftovers(limits, fds_before, set(), other_thread)
+    other_thread.stop()
     if problems:
         tally.add(problems, [])
         tally.trials -= 1
@@ -959,7 +1090,8 @@ FULL = {"trials": 300, "timeout": 600.0}
 # Foreign creators hit a block's window rarely: many more blocks per series.
 FOREIGN_TRIALS_FACTOR = 10
 QUICK = {"trials": 3, "timeout": 120.0}
-FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials, "foreign": foreign_trials}
+FAULTS = {"kill": kill_trials, "interrupt": interrupt_trials, "storm": storm_trials,
+          "foreign": foreign_trials}
 FOREIGN_KINDS = ("sem", "shm", "msg")
 
 
@@ -1018,6 +1150,7 @@ LEGEND = """\
 kill: a worker running the kind's requests in a loop is SIGKILLed after a random
 delay; then this process makes the same requests and checks the namespace.
 interrupt: a timer handler raises KeyboardInterrupt at a random point inside idpin.
+storm: the same, raising up to 3 times 20-200 us apart (Ctrl-C again during the cleanup).
 foreign: blocks whose own creation idpin does not see (sysv_ipc), beside a process and a
 thread creating and removing objects without idpin (a rotating pool: the count stays put).
 fault landed = trials where the kill hit a running worker / the handler raised inside idpin /

@@ -17,16 +17,16 @@ class FloorUnavailable(Exception):
     """No C compiler, or the floor did not compile: the rows that need it are skipped."""
 
 
-def build():
-    """Compile floor.c into a shared object; (its path, the directory to remove)."""
+def build(name="floor"):
+    """Compile <name>.c (floor.c, tree_floor.c) into a shared object; (its path, the directory to remove)."""
     compiler = shlex.split(os.environ.get("CC", "gcc"))
     if shutil.which(compiler[0]) is None:
         raise FloorUnavailable("no C compiler %r (set CC, or apt-get install gcc)" % compiler[0])
     workdir = tempfile.mkdtemp(prefix="idpin-bench-")
-    source = os.path.join(workdir, "floor.c")
-    shared = os.path.join(workdir, "floor.so")
+    source = os.path.join(workdir, name + ".c")
+    shared = os.path.join(workdir, name + ".so")
     with open(source, "wb") as f:
-        f.write(importlib.resources.files(__package__).joinpath("floor.c").read_bytes())
+        f.write(importlib.resources.files(__package__).joinpath(name + ".c").read_bytes())
     command = compiler + ["-O2", "-shared", "-fPIC", "-o", shared, source]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:

@@ -98,4 +98,24 @@ def _save(fig, out_dir, name):
     return path
 
 
-DRAW = {"race": draw_race, "perf": draw_perf}
+def draw_restore(section, out_dir):
+    """Restore time / C floor time per shape and size, one bar per W."""
+    rows = [r for r in section["rows"] if r["kind"] == "tree" and r.get("c_floor")]
+    workers = sorted({int(k[len("restore_w"):]) for r in rows for k in r if k.startswith("restore_w")})
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / max(len(workers), 1)
+    for i, w in enumerate(workers):
+        ratios = [(r.get("restore_w%d" % w) or 0) / r["c_floor"] for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], ratios, width, label="W=%d" % w)
+    ax.axhline(1.5, color="black", linewidth=1, linestyle="--", label="target (10,000 tasks, W=2)")
+    ax.set_xticks([x + width * (len(workers) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels(["%s %d" % (r["shape"], r["tasks"]) for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("restore time / C floor time (lower is better)", fontsize=8)
+    ax.set_title("idpin bench restore: %s" % section["machine_line"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_dir, "restore.png")
+
+
+DRAW = {"race": draw_race, "perf": draw_perf, "restore": draw_restore}

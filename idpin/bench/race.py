@@ -94,24 +94,26 @@ def attempt_all(pairs, strategy_name):
     obtain = OBTAIN[strategy_name]
     fds_before = testing.open_fds()
     tally = collections.Counter()
-    latencies, examples, kept = [], [], []
+    latencies, examples, kept, refused_free_examples = [], [], [], []
     started = time.monotonic()
     for name, slot in pairs:
         kind = made[name]
         want = kind.wanted(slot)
         began = time.perf_counter()
-        refused = False
+        refused = None
         try:
             kept.append((kind, obtain(kind, want), want))
-        except REFUSED:
+        except REFUSED as err:
             tally["refused"] += 1
-            refused = True
+            refused = err
         except Exception as err:  # counted, shown, and a violation of the invariants
             tally["errors"] += 1
             examples.append("%s %d: %r" % (name, want, err))
         latencies.append((time.perf_counter() - began) * 1e6)
-        if refused and id_turns_out_free(name, want):
+        if refused is not None and id_turns_out_free(name, want):
             tally["refused_free"] += 1
+            if len(refused_free_examples) < MAX_EXAMPLES:
+                refused_free_examples.append("%s %d: %s" % (name, want, refused))
     finished = time.monotonic()
     for kind, held, want in reversed(kept):
         tally["exact" if kind.release(held, want) else "wrong"] += 1
@@ -122,6 +124,7 @@ def attempt_all(pairs, strategy_name):
         "tally": dict(tally, attempts=len(pairs)),
         "latencies_us": latencies,
         "examples": examples[:MAX_EXAMPLES],
+        "refused_free_examples": refused_free_examples,
         "started": started,
         "finished": finished,
         "leaked_fds": leaked,
@@ -200,11 +203,13 @@ def summarize(scenario, strategy, outcomes, noise, leaks):
         latencies += value["latencies_us"]
         spans.append((value["started"], value["finished"]))
         cell["error_examples"] += value["examples"]
+        cell["refused_free_examples"] += value.get("refused_free_examples", [])
         if value["leaked_fds"]:
             leaks.append("worker left fds %s open" % value["leaked_fds"])
     for field in ("attempts", "exact", "wrong", "refused", "refused_free", "errors"):
         cell[field] = tally[field]
     cell["error_examples"] = cell["error_examples"][:MAX_EXAMPLES]
+    cell["refused_free_examples"] = cell["refused_free_examples"][:MAX_EXAMPLES]
     cell["leaks"] = leaks
     if spans:
         seconds = max(end for _, end in spans) - min(start for start, _ in spans)
@@ -222,9 +227,9 @@ def new_cell(scenario, strategy):
         "scenario": scenario.label, "kind": scenario.kind, "workers": scenario.workers,
         "noise": scenario.noise, "strategy": strategy.name, "backend": strategy.backend,
         "attempts": scenario.attempts, "exact": 0, "wrong": 0, "refused": 0, "refused_free": 0,
-        "errors": 0,
-        "error_examples": [], "leaks": [], "seconds": None, "throughput": None,
-        "p50_us": None, "p99_us": None, "noise_ops": 0, "noise_failures": 0,
+        "errors": 0, "error_examples": [], "refused_free_examples": [], "leaks": [],
+        "seconds": None, "throughput": None, "p50_us": None, "p99_us": None, "noise_ops": 0,
+        "noise_failures": 0,
     }
 
 
@@ -360,6 +365,11 @@ def render(section, out):
         rows = cell_rows(cells, kind)
         if rows:
             out.write("%s:\n\n%s\n\n" % (kind, table(CELL_HEADER, rows)))
+    examples = ["%s, %s: %s" % (c["scenario"], strategy_label(c), e) for c in cells
+                if c["strategy"] in IDPIN for e in c.get("refused_free_examples", [])[:1]]
+    if examples:
+        out.write("idpin's refusals of ids that were free (one per cell):\n%s\n\n" % "\n".join(
+            "  " + e for e in examples))
     if section["violations"]:
         out.write("INVARIANTS BROKEN:\n" + "\n".join("  " + v for v in section["violations"]) + "\n")
     else:

@@ -1,7 +1,9 @@
 """Routing of stdlib calls that allocate ids through idpin.
 
 os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty and
-threading.Thread.start go through idpin. With no request pending in this
+threading.Thread.start go through idpin; so do subprocess's fork_exec,
+os.posix_spawn, os.posix_spawnp and os.system (see spawn.py: a pid
+request makes their process). With no request pending in this
 thread and no knob armed in this process they cost a thread-local check and
 a flag test; forks and thread starts that asked for nothing are steered past
 a tid another thread's block armed, and IPC creations wait for it. The pty
@@ -10,13 +12,14 @@ functions and fall back to another pty, which would swallow IdBusyError.
 """
 import os
 import pty as stdlib_pty
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .. import pids, tids
 from .. import pty as idpin_pty
-from . import ORIGINALS
+from . import ORIGINALS, spawn
 from ..request import pending
 
 
@@ -68,6 +71,10 @@ ROUTES: dict[tuple[Any, str], Callable[..., Any]] = {
     (stdlib_pty, "openpty"): pty_openpty,
     (threading.Thread, "start"): thread_start,
     (threading, "_start_new_thread"): start_new_thread,
+    (subprocess, "_fork_exec"): spawn.fork_exec,
+    (os, "posix_spawn"): spawn.posix_spawn,
+    (os, "posix_spawnp"): spawn.posix_spawnp,
+    (os, "system"): spawn.system,
 }
 
 

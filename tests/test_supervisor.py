@@ -1,0 +1,377 @@
+"""The seccomp supervisor: unmodified programs get their planned ids.
+
+The programs are a C program built here (tests/programs/allocate.c) and
+shell scripts; neither knows idpin. Each test body runs as pid 1 of fresh
+namespaces (conftest), so the supervisor is in the programs' namespaces and
+the planned ids are free; the runner checks nothing is left behind
+(processes, IPC objects, armed knobs, ptys, fds, locks).
+"""
+import errno
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import idpin
+from idpin import _sys, cli
+from idpin.interpose import ORIGINALS
+from idpin.interpose import filter as seccomp_filter
+from idpin.interpose.supervisor import parse_request
+from idpin.testing import open_fds as testing_open_fds
+
+from helpers import as_root_and_nobody, knob, reap
+
+SOURCE = pathlib.Path(__file__).resolve().parent / "programs" / "allocate.c"
+SEM, SHM, MSG = (2 << 15) | 7, (3 << 15) | 4, (1 << 15) | 9
+
+
+@pytest.fixture(scope="module")
+def allocate():
+    """tests/programs/allocate.c, compiled for this module (readable by nobody too)."""
+    workdir = tempfile.mkdtemp(prefix="idpin-test-supervisor-")
+    os.chmod(workdir, 0o755)
+    binary = os.path.join(workdir, "allocate")
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", binary, str(SOURCE), "-lutil"], check=True, timeout=120)
+    yield binary
+    shutil.rmtree(workdir)
+
+
+def plan_of(processes):
+    return {"idpin_plan": 1, "root": processes[0]["pid"], "processes": processes}
+
+
+def run(argv, plan=None, strict=False, pid=None, timeout=60):
+    """Run ``argv`` supervised; (stdout lines, return code, the supervisor's log and errors)."""
+    with idpin.Supervisor(plan, strict=strict) as sup:
+        proc = sup.spawn(argv, pid=pid, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=timeout)
+        log, errors = list(sup.log), list(sup.errors)
+    return out.decode().split(), proc.returncode, log, errors, err.decode()
+
+
+@as_root_and_nobody
+def test_a_c_program_gets_its_planned_pid_tid_ipc_ids_and_pty(allocate, uid):
+    plan = plan_of([{"pid": 100, "next": {"pid": [200], "tid": [300], "sem": [SEM], "shm": [SHM],
+                                          "msg": [MSG], "pty": [3]}}])
+    lines, status, log, errors, _ = run([allocate, "all"], plan, pid=100)
+    assert status == 0
+    assert lines == ["pid=200", "tid=300", "sem=%d" % SEM, "shm=%d" % SHM, "msg=%d" % MSG, "pty=3"]
+    assert [entry[1:] for entry in log] == [
+        ("pid", 200, "ok"), ("tid", 300, "ok"), ("sem", SEM, "ok"), ("shm", SHM, "ok"),
+        ("msg", MSG, "ok"), ("pty", 3, "ok")]
+    assert errors == []
+
+
+@as_root_and_nobody
+def test_a_shell_script_gets_its_planned_pids_ipc_ids_and_pty(uid):
+    script = """
+        sleep 0 & echo $!; wait
+        ipcmk -S 1
+        ipcmk -M 4096
+        ipcmk -Q
+        script -qc tty /dev/null
+        ipcrm -s %d -m %d -q %d
+    """ % (SEM, SHM, MSG)
+    # Each command is a process of its own: the shell's n-th fork gets the
+    # n-th pid, and each of those processes finds its own entry.
+    plan = plan_of([
+        {"pid": 50, "next": {"pid": [60, 61, 62, 63, 64, 65]}},
+        {"pid": 61, "next": {"sem": [SEM]}},
+        {"pid": 62, "next": {"shm": [SHM]}},
+        {"pid": 63, "next": {"msg": [MSG]}},
+        {"pid": 64, "next": {"pty": [5]}},
+    ])
+    words, status, log, errors, stderr = run(["sh", "-c", script], plan, pid=50)
+    assert status == 0, (stderr, words, log, errors)
+    assert words == ["60", "Semaphore", "id:", str(SEM), "Shared", "memory", "id:", str(SHM),
+                     "Message", "queue", "id:", str(MSG), "/dev/pts/5"]
+    assert errors == []
+
+
+def test_the_program_itself_gets_the_pid_asked_for(allocate):
+    lines, status, _, _, _ = run(["sh", "-c", "echo $$"], pid=4321)
+    assert (lines, status) == (["4321"], 0)
+
+
+def test_a_taken_planned_id_fails_with_ebusy_in_strict_mode(allocate):
+    held_master, held_slave = os.openpty()  # pty 0 is taken
+    try:
+        plan = plan_of([{"pid": 100, "next": {"pid": [1], "pty": [0]}}])
+        lines, status, log, _, _ = run([allocate, "all"], plan, strict=True, pid=100)
+        assert lines[0] == "pid:errno=%d" % errno.EBUSY  # pid 1 is this test's init
+        assert lines[1] == "tid:errno=%d" % errno.EBUSY  # strict: the plan names no tid
+        assert lines[-1] == "pty:errno=%d" % errno.EBUSY
+        assert ("pid", 1, "busy") in [entry[1:] for entry in log]
+    finally:
+        os.close(held_master)
+        os.close(held_slave)
+
+
+def test_without_strict_a_taken_planned_id_gives_an_ordinary_one(allocate):
+    plan = plan_of([{"pid": 100, "next": {"pid": [1]}}])
+    lines, status, log, _, _ = run([allocate, "fork", "1"], plan, pid=100)
+    assert status == 0 and lines[0].startswith("pid=") and lines[0] != "pid=1"
+    assert [entry[1:] for entry in log] == [("pid", 1, "busy")]
+
+
+def test_an_exhausted_plan_gives_ordinary_ids_or_ebusy_when_strict(allocate):
+    plan = plan_of([{"pid": 100, "next": {"pid": [200]}}])
+    lines, _, _, _, _ = run([allocate, "fork", "2"], plan, pid=100)
+    assert lines[0] == "pid=200" and lines[1].startswith("pid=") and lines[1] != "pid=200"
+    lines, _, _, _, _ = run([allocate, "fork", "2"], plan, strict=True, pid=100)
+    assert lines == ["pid=200", "pid:errno=%d" % errno.EBUSY]
+
+
+@as_root_and_nobody
+def test_a_shell_asks_for_a_pid_through_the_request_fd(uid):
+    lines, status, log, errors, stderr = run(
+        ["sh", "-c", "echo pid=4242 >&$IDPIN_REQUEST_FD; sleep 0.1 & echo $!; wait"])
+    assert (lines, status, errors) == (["4242"], 0, []), stderr
+
+
+def test_a_c_program_asks_for_its_thread_s_next_pid(allocate):
+    lines, status, _, errors, _ = run([allocate, "request", "pid=4243"])
+    assert lines == ["write=8", "pid=4243"]
+    lines, status, _, errors, _ = run([allocate, "request", "pid=x"])
+    assert lines[0] == "write:errno=%d" % errno.EINVAL and lines[1] != "pid=x"
+    assert len(errors) == 1 and "bad id 'x'" in errors[0]
+
+
+def test_a_taken_requested_id_is_ebusy_even_without_strict(allocate):
+    lines, _, _, _, _ = run([allocate, "request", "pid=1"])
+    assert lines == ["write=5", "pid:errno=%d" % errno.EBUSY]
+
+
+def test_request_lines_are_checked():
+    assert parse_request(b"sem=32769 pty=5\n") == {"sem": 32769, "pty": 5}
+    for bad in (b"", b"pid", b"pid=1 pid=2", b"nope=3", b"pid=-4", b"sem=2147483648", b"\xff"):
+        with pytest.raises(idpin.RequestError):
+            parse_request(bad)
+
+
+def test_a_bad_plan_is_refused_before_anything_runs():
+    with pytest.raises(idpin.RequestError, match="unknown kind"):
+        idpin.Supervisor(plan_of([{"pid": 5, "next": {"fd": [3]}}]))
+    with pytest.raises(idpin.RequestError, match="version 1"):
+        idpin.Supervisor({"idpin_plan": 2})
+
+
+def test_calls_with_nothing_pending_are_answered_in_the_receive_loop(allocate):
+    with idpin.Supervisor() as sup:
+        proc = sup.spawn([allocate, "fork", "20"], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and len(out.split()) == 20
+        assert sup.fast_answers >= 20 and sup.log == []
+
+
+def test_forks_under_a_signal_storm_keep_their_planned_pids(allocate):
+    # SIGALRM every 2 ms (about the time a pinned fork takes): a call interrupted before it is received restarts
+    # (SA_RESTART) and is trapped again; none may come out with another pid.
+    wanted = list(range(1000, 1040))
+    plan = plan_of([{"pid": 100, "next": {"pid": wanted}}])
+    lines, status, _, errors, _ = run([allocate, "signals", str(len(wanted))], plan, pid=100, timeout=30)
+    assert lines == ["pid=%d" % pid for pid in wanted]
+    assert (status, errors) == (0, [])
+
+
+def test_a_program_killed_mid_call_leaves_nothing_and_the_supervisor_goes_on(allocate):
+    plan = plan_of([{"pid": 100, "next": {"pid": list(range(2000, 2400)), "sem": [SEM]}}])
+    with idpin.Supervisor(plan) as sup:
+        proc = sup.spawn([allocate, "fork", "400"], pid=100, stdout=subprocess.DEVNULL)
+        time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        # Its last child may be a zombie reparented to us (pid 1).
+        _reap_orphans()
+        assert sup.errors == []
+        again = sup.spawn(["sh", "-c", "echo pid=3000 >&$IDPIN_REQUEST_FD; sleep 0 & echo $!; wait"],
+                          stdout=subprocess.PIPE)
+        assert again.communicate(timeout=60)[0].split() == [b"3000"]
+    assert knob("sem_next_id") == -1
+
+
+def test_a_killed_supervisor_fails_the_programs_calls_and_arms_nothing(allocate):
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    out_read, out_write = os.pipe()
+    supervisor = os.fork()
+    if supervisor == 0:
+        try:
+            sup = idpin.Supervisor(plan_of([{"pid": 100, "next": {"pid": [600], "sem": [SEM]}}]))
+            sup.spawn(["sh", "-c", "read x; sleep 0 & echo forked $!"], pid=100,
+                      stdin=go_read, stdout=out_write, stderr=out_write)
+            os.write(ready_write, b"r")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    for fd in (ready_write, go_read, out_write):
+        os.close(fd)
+    assert os.read(ready_read, 1) == b"r"
+    os.kill(supervisor, signal.SIGKILL)
+    reap(supervisor)
+    os.write(go_write, b"go\n")
+    os.close(go_write)
+    output = b""
+    while chunk := os.read(out_read, 4096):
+        output += chunk
+    os.close(out_read)
+    os.close(ready_read)
+    reap(100)  # the program was reparented to this test's init
+    text = output.decode()
+    # ENOSYS once the listener is gone: dash reports it and gives up.
+    assert "Cannot fork" in text and "forked" not in text
+    assert knob("sem_next_id") == -1
+
+
+def test_a_call_whose_caller_died_is_enoent_not_an_error(backend):
+    bpf = seccomp_filter.build_bpf()
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        try:
+            fd = _sys.seccomp_listen(bpf, 0)
+            socket.send_fds(theirs, [b"L"], [fd])
+            os.fork()  # trapped: waits for us, and we never answer
+        finally:
+            os._exit(0)
+    theirs.close()
+    _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    ours.close()
+    listener = fds[0]
+    try:
+        notification = _sys.notif_recv(listener)
+        assert notification[1] == child
+        assert _sys.notif_id_valid(listener, notification[0])
+        os.kill(child, signal.SIGKILL)
+        reap(child)
+        assert not _sys.notif_id_valid(listener, notification[0])
+        assert _sys.notif_send(listener, notification[0], 0, 0, _sys.SECCOMP_USER_NOTIF_FLAG_CONTINUE) is False
+    finally:
+        os.close(listener)
+
+
+def _reap_orphans(timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+
+
+class IdpinRun:
+    """``idpin run ARGS`` in a forked child (cli.main: no interpreter to exec,
+    which an unprivileged user may not be able to read)."""
+
+    def __init__(self, *args):
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        self.pid = ORIGINALS["os.fork"]()
+        if self.pid == 0:
+            status = 70
+            try:
+                os.dup2(out_write, 1)
+                os.dup2(err_write, 2)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                status = cli.main(["run", *args])
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+        os.close(out_write)
+        os.close(err_write)
+        self.stdout = os.fdopen(out_read, "rb")
+        self.stderr = os.fdopen(err_read, "rb")
+
+    def finish(self):
+        out, err = self.stdout.read(), self.stderr.read()
+        self.stdout.close()
+        self.stderr.close()
+        return out, err, reap(self.pid)
+
+
+@as_root_and_nobody
+def test_idpin_run_gives_the_planned_pids_in_fresh_namespaces_and_passes_the_status(uid):
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
+        json.dump(plan_of([{"pid": 100, "next": {"pid": [200, 201]}}]), plan)
+        plan.flush()
+        out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c",
+                                    "echo $$; sleep 0 & echo $!; wait; exit 3").finish()
+    assert (out.split(), status) == ([b"100", b"200"], 3), err
+
+
+def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
+    script = 'trap "echo got TERM; exit 5" TERM; echo pid=4242 >&$IDPIN_REQUEST_FD; ' \
+             'sleep 0 & echo $!; wait; echo ready; while :; do sleep 0.05; done'
+    run = IdpinRun("--pid", "77", "--", "sh", "-c", script)
+    assert run.stdout.readline() == b"4242\n"
+    assert run.stdout.readline() == b"ready\n"
+    os.kill(run.pid, signal.SIGTERM)
+    out, _, status = run.finish()
+    assert (out, status) == (b"got TERM\n", 5)
+
+
+def test_idpin_run_refuses_pid_1_in_fresh_namespaces_with_the_reason():
+    out, err, status = IdpinRun("--pid", "1", "--", "true").finish()
+    assert status == 2 and b"pid 1 is the supervisor" in err
+
+
+def test_the_feature_probe_finds_what_this_kernel_version_has():
+    from idpin.interpose.features import FEATURES
+
+    release = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    from idpin.probe import probe_supervisor
+
+    caps = probe_supervisor()
+    for name, (_, version) in FEATURES.items():
+        wanted = tuple(int(part) for part in version.split("."))
+        assert caps[name].ok == (release >= wanted), (name, caps[name])
+        assert caps[name].ok or "Linux %s" % version in caps[name].reason
+
+
+def test_the_notification_calls_leak_neither_objects_nor_fds(backend):
+    calls, warmup = 3000, 200
+    bpf = seccomp_filter.build_bpf(only=("getppid",))
+    ours, theirs = socket.socketpair()
+    child = os.fork()
+    if child == 0:
+        try:
+            socket.send_fds(theirs, [b"L"], [_sys.seccomp_listen(bpf, 0)])
+            for _ in range(calls + warmup):
+                os.getppid()
+        finally:
+            os._exit(0)
+    theirs.close()
+    listener = socket.recv_fds(ours, 1, 1)[1][0]
+    ours.close()
+    stop_read, stop_write = os.pipe()
+    control = bytearray(16)
+
+    def one():
+        nid, pid, nr, arch, ip, args = _sys.notif_loop(listener, stop_read, -1, control)
+        assert _sys.process_vm_read(pid, ip, 8) and _sys.notif_id_valid(listener, nid)
+        assert _sys.notif_send(listener, nid, 0, 0, _sys.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    try:
+        for _ in range(warmup):
+            one()
+        fds, blocks = testing_open_fds(), sys.getallocatedblocks()
+        for _ in range(calls):
+            one()
+        assert testing_open_fds() == fds
+        assert sys.getallocatedblocks() - blocks < 200
+        assert _sys.notif_loop(listener, stop_read, -1, control) is None  # the child is gone: POLLHUP
+    finally:
+        for fd in (listener, stop_read, stop_write):
+            os.close(fd)
+        reap(child)
