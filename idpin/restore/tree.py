@@ -46,7 +46,7 @@ class Script:
     pid: int
     role: str                 # "process", "init", "session", "group", "helper", "ipc"
     parent: int               # the pid its parent has (RESTORER for the top task)
-    entry: dict = None        # the plan's entry, for "process"
+    entry: dict | None = None  # the plan's entry, for "process"
     index: int = -1           # the entry's position in plan["processes"]
     early: list = dataclasses.field(default_factory=list)     # children forked before setsid
     setsid: bool = False
@@ -55,7 +55,7 @@ class Script:
     helpers: list = dataclasses.field(default_factory=list)   # [(pid candidates, [children])]
     children: list = dataclasses.field(default_factory=list)  # forked directly, after setsid
     siblings: list = dataclasses.field(default_factory=list)  # created with CLONE_PARENT
-    join: int = None          # the group to join once its own children are forked
+    join: int | None = None   # the group to join once its own children are forked
     members: list = dataclasses.field(default_factory=list)   # group stand-in: who joins
 
     def where(self):
