@@ -1,6 +1,7 @@
 """``import idpin`` routes the stdlib's id-allocating calls; uninstall() and install() undo and redo it."""
 import os
 import pty
+import subprocess
 import threading
 
 import idpin
@@ -9,7 +10,9 @@ from idpin.interpose import ORIGINALS
 ROUTED = {"os.fork": (os, "fork"), "os.forkpty": (os, "forkpty"), "os.openpty": (os, "openpty"),
           "pty.fork": (pty, "fork"), "pty.openpty": (pty, "openpty"),
           "threading.Thread.start": (threading.Thread, "start"),
-          "threading._start_new_thread": (threading, "_start_new_thread")}
+          "threading._start_new_thread": (threading, "_start_new_thread"),
+          "subprocess._fork_exec": (subprocess, "_fork_exec"), "os.posix_spawn": (os, "posix_spawn"),
+          "os.posix_spawnp": (os, "posix_spawnp"), "os.system": (os, "system")}
 
 
 def current(name):
