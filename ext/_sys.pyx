@@ -869,19 +869,30 @@ def resumable_exit(self, exc_type, exc, tb):
     A C-level function, so no Python signal handler can run between the
     with statement and the call of ``self._exit`` (a Python ``__exit__`` can
     be interrupted at its very first instruction, before it releases
-    anything). ``_exit`` is resumable: if an exception (a handler's) lands
-    inside it, a second call finishes what the first began; the first
-    exception then propagates.
+    anything). ``_exit`` is resumable: if exceptions (a handler's, Ctrl-C
+    pressed again and again) land inside it, each further call finishes more
+    of what the first began, up to EXIT_ATTEMPTS calls; then the first
+    exception propagates. The loop is C: no handler runs between the calls.
     """
-    try:
-        return self._exit(exc_type, exc, tb)
-    except BaseException as first:
+    cdef int attempt
+    first = None
+    for attempt in range(EXIT_ATTEMPTS):
         try:
-            self._exit(exc_type, exc, tb)
-        except BaseException as second:
-            if second is not first:
-                raise second from first
-        raise
+            result = self._exit(exc_type, exc, tb)
+        except BaseException as err:
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first
+
+
+# Calls of a resumable exit before its first exception propagates: each
+# lands between two of a handler's exceptions, so this bounds the
+# interruptions survived in a row, not the work.
+EXIT_ATTEMPTS = 16
 
 
 # ---------------------------------------------------------------- records in the IPC namespace
@@ -1310,3 +1321,26 @@ def pidfd_getfd(pidfd, targetfd):
     if rc < 0:
         raise _oserror("pidfd_getfd", code, "fd %d" % targetfd)
     return rc
+
+
+def finish(fn, *args):
+    """``fn(*args)``, called again while it raises, up to EXIT_ATTEMPTS calls; its result.
+
+    For cleanup that must complete even while signal handlers keep raising
+    (Ctrl-C pressed again and again): ``fn`` must be resumable, each call
+    finishing what an interrupted one began. A C loop, so no handler runs
+    between the calls; the first exception propagates once ``fn`` is done.
+    """
+    cdef int attempt
+    first = None
+    for attempt in range(EXIT_ATTEMPTS):
+        try:
+            result = fn(*args)
+        except BaseException as err:
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first

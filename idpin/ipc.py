@@ -228,7 +228,14 @@ def _throwaway_with_room(kind):
         raised[path] = " ".join(values)
     changed = {path: texts[path] for path in texts if raised[path].split() != texts[path].split()}
     put_back_recorded_limits()
-    _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
+    try:
+        record = {path: [texts[path], raised[path]] for path in changed}
+        _sys.record_write(LIMITS_RECORD, json.dumps(record).encode())
+    except OSError:
+        # No room for a POSIX queue either (fs.mqueue.queues_max,
+        # RLIMIT_MSGQUEUE): the limits are still put back below, but a
+        # SIGKILL in between would leave them raised.
+        pass
     try:
         try:
             for path in changed:
@@ -261,8 +268,13 @@ def put_back_recorded_limits():
     if data is None:
         return
     if data:
-        for path, text in json.loads(data).items():
-            _write_text(path, text)
+        for path, (old, raised) in json.loads(data).items():
+            with open(path) as f:
+                now = f.read()
+            # Only a limit still at the value idpin raised it to: one changed
+            # since (someone made room on purpose) is theirs.
+            if now.split() == raised.split():
+                _write_text(path, old)
     _sys.record_remove(LIMITS_RECORD)
 
 
@@ -308,7 +320,7 @@ def census(kind):
 class _IpcBlock:
     """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
 
-    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts")
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts", "cursor")
 
     def __init__(self, ns):
         self.ns = ns
@@ -322,6 +334,7 @@ class _IpcBlock:
         # thread's only if no other thread could have made it.
         self.alone = pids.thread_count() == 1
         self.starts = tids.thread_starts()
+        self.cursor = None
 
 
 def arm(req, kind):
@@ -338,6 +351,7 @@ def arm(req, kind):
     with ns.alloc:  # no routed creation between the census and the arming
         block.before = census(kind)
         block.routed = ns.watch(kind)
+        block.cursor = _pid_cursor()
         _arm(ns, kind, value)
 
 
@@ -345,6 +359,15 @@ def _arm(ns, kind, value):
     with ns.alloc:
         ns.armed[KNOB[kind]] = value
         knobs.write_knob(ns.knob(KNOB[kind]), KNOB[kind], value)
+
+
+def _pid_cursor():
+    """ns_last_pid: the last pid or tid the pid namespace handed out (-1 if unreadable)."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return -1
 
 
 def _proc_pid():
@@ -432,11 +455,16 @@ def _settle_unrouted(req, kind, ns, block):
         if kind == "shm" and creator != _proc_pid():
             raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
                               % (value, creator))
-        if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts):
+        # Any thread or process created in the pid namespace moves its
+        # cursor: one that began and ended within the block (a C library's
+        # thread) could have made the object, so the cursor must not move.
+        if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts
+                and _pid_cursor() == block.cursor):
             raise IdBusyError(
                 kind, value,
-                "%s %d appeared during the block, but this process had other threads, and "
-                "any of them could have made it: idpin cannot prove it was this thread's; "
+                "%s %d appeared during the block, but this process had other threads, or a "
+                "task was created in the pid namespace meanwhile, and it could have made "
+                "it: idpin cannot prove it was this thread's; "
                 "create with idpin.ipc.%sget for an exact answer" % (kind, value, kind),
             )
         consume(req, kind, value)
@@ -575,7 +603,7 @@ def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
         if checked:
             # However far it got (a signal handler may have raised once the
             # object existed, even after the lock was released): no object.
-            _undo_created(kind, value, None)
+            _sys.finish(_undo_created, kind, value, None)
         raise
 
 
@@ -721,12 +749,17 @@ def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> l
             # Every spec's id was free when the lock was taken: an object at
             # one of them now is this batch's, even one a signal handler's
             # exception kept from being recorded.
-            for spec in reversed(specs):
-                _undo_created(spec.kind, spec.id, None)
-            with ns.held(), ns.alloc:
-                for kind in KINDS:
-                    restore_knob(kind, ns)
+            _sys.finish(_undo_batch, ns, specs)
         raise
+
+
+def _undo_batch(ns, specs):
+    """Resumable: remove what a batch made, and leave the knobs as blocks expect."""
+    for spec in reversed(specs):
+        _undo_created(spec.kind, spec.id, None)
+    with ns.held(), ns.alloc:
+        for kind in KINDS:
+            restore_knob(kind, ns)
 
 
 def _create_one(ns, spec):

@@ -147,13 +147,13 @@ class NamespaceLock:
             self._take(local, timeout)
         except BaseException:
             if self.before is not None:
-                self.before.release()
+                _sys.finish(self.before.release)  # completes even if handlers keep raising
             raise
         if self._on_acquire is not None:
             try:
                 self._on_acquire(self)
             except BaseException:
-                self.release()
+                _sys.finish(self.release)
                 raise
 
     def _take(self, local, timeout):
@@ -177,7 +177,7 @@ class NamespaceLock:
             if getattr(local, "fd", -1) != fd:
                 # The flock may have been granted just before the exception.
                 _held.discard(hold)
-                self._return_fd(fd)
+                _sys.finish(self._return_fd, fd)
             raise
 
     def _put_back(self, local):
@@ -193,9 +193,11 @@ class NamespaceLock:
         self._pool(fd)
 
     def _pool(self, fd):
+        # Idempotent, so that an interrupted caller can simply call it again.
         if self._keep_open:
-            self._idle.append(fd)
-        else:
+            if fd not in self._idle:
+                self._idle.append(fd)
+        elif fd in self._fds:
             self._fds -= {fd}  # forgotten before closed: the number may be reused at once
             os.close(fd)
 
@@ -511,7 +513,7 @@ def cached_fds():
     fds = set()
     for namespace in list(_namespaces.values()):
         if namespace.lock._keep_open:
-            fds.update(namespace.lock._idle)
+            fds.update(namespace.lock._fds)  # never closed: idle, or held by a thread
         fds.update(namespace._knobs.values())
     return fds
 

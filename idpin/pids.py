@@ -413,7 +413,10 @@ def undo_child(child):
         os.kill(child, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    os.waitpid(child, 0)
+    try:
+        os.waitpid(child, 0)
+    except ChildProcessError:
+        pass  # SIGCHLD is ignored here: the kernel reaped it already
 
 
 register_kind(Kind("pid", validate_pid))

@@ -69,7 +69,7 @@ class Request:
                 if kind.arm is not None:
                     kind.arm(self, name)
         except BaseException:
-            self._unwind()
+            _sys.finish(self._unwind)  # completes even if handlers keep raising
             raise
         return self
 

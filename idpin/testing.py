@@ -120,6 +120,12 @@ def _preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    # The plan schema is a data file, and jsonschema imports parts of itself
+    # on first use: validate a small plan once, while the files are readable.
+    from .restore import plan
+
+    plan.load({"idpin_plan": 1, "root": 1, "processes": [
+        {"pid": 1, "ppid": 0, "pgid": 1, "sid": 1, "tids": [1]}]})
 
 
 def _become(uid: int) -> None:

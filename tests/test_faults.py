@@ -28,8 +28,8 @@ from helpers import knob, reap, wait_until
 
 SEED = 7
 KILL_TRIALS = 4
-INTERRUPT_TRIALS = 10
-STORM_TRIALS = 5
+INTERRUPT_TRIALS = 6  # raises landed inside idpin (at most twice as many runs)
+STORM_TRIALS = 3
 FOREIGN_TRIALS = 40
 # A deadlock must end within this: idpin's own bounded wait, set to
 # LOCK_TIMEOUT by the scenarios, ends it well before.
@@ -69,9 +69,9 @@ def test_item4_sigkill_at_random_points_then_the_next_user_finds_it_clean(kind):
 def test_item3_raising_handler_at_random_points_leaves_nothing(kind):
     tally = faults.run_bounded(faults.interrupt_trials, 60, kind, INTERRUPT_TRIALS, SEED)
     assert tally["dirty"] == 0 and tally["wrong"] == 0, describe(tally)
-    assert tally["trials"] == INTERRUPT_TRIALS
-    # Not vacuous: the handler raised inside idpin in a good share of the trials.
-    assert tally["faulted"] >= INTERRUPT_TRIALS // 4, tally
+    # Not vacuous: the handler raised inside idpin (it may also fire in the
+    # caller's lines, or after idpin held signals back: those runs are extra).
+    assert tally["faulted"] >= 1, tally
 
 
 @pytest.mark.parametrize("kind", faults.KINDS)
@@ -79,8 +79,7 @@ def test_item3_a_storm_of_raising_handlers_leaves_nothing(kind):
     # Ctrl-C pressed again while idpin cleans up after the first one.
     tally = faults.run_bounded(faults.storm_trials, 60, kind, STORM_TRIALS, SEED)
     assert tally["dirty"] == 0 and tally["wrong"] == 0, describe(tally)
-    assert tally["trials"] == STORM_TRIALS
-    assert tally["faulted"] >= STORM_TRIALS // 4, tally
+    assert tally["faulted"] >= 1, tally
 
 
 # -- item 1: a creation idpin does not see is credited only when provably the block's ---------
@@ -738,6 +737,8 @@ def test_item9_an_fd_number_idpin_freed_and_another_thread_reused_survives_a_for
             os.close(slave)
     finally:
         sys.setprofile(None)
+    # Not vacuous: idpin's pty lock closes a description after each walk.
+    assert victims, "no close by idpin's Python code was seen: this probe needs another hook"
     lost_in_child, lost_here = [], []
     for fd, inode, child in victims:
         if reap(child) != 0:
@@ -806,6 +807,8 @@ def test_item1_blocks_beside_rotating_foreign_creators_give_no_silent_wrong_cred
     tally = faults.run_bounded(faults.foreign_trials, 60, kind, FOREIGN_TRIALS, SEED)
     assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
     assert tally["trials"] == FOREIGN_TRIALS
+    # Not vacuous: the foreign creators landed inside blocks (idpin refused those).
+    assert tally["faulted"] > 0, tally
 
 
 # -- items 3/4: a tid block that ends unused leaves ns_last_pid as it found it ----------------
@@ -971,3 +974,83 @@ def test_item5_a_full_namespace_block_ends_cleanly_when_sigchld_is_ignored(kind)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     assert outcome is None, repr(outcome)
     assert faults.armed_knobs() == {}
+
+
+def no_posix_queues_left(how):
+    if how == "queues_max":
+        with open("/proc/sys/fs/mqueue/queues_max", "w") as f:
+            f.write("0")
+    else:
+        resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
+
+
+@pytest.mark.parametrize("how", ["queues_max", "RLIMIT_MSGQUEUE"])
+@pytest.mark.parametrize("kind", ["msg", "sem"])
+def test_item5_a_full_namespace_without_room_for_a_posix_queue_arms_nothing(kind, how):
+    # idpin records the limits it raises in a POSIX message queue; a
+    # namespace or user with no room for one more must not turn a block's
+    # exit into a raw OSError that leaves the knob armed.
+    no_posix_queues_left(how)
+    faults.fill_namespace(kind)
+    outcome = attempt(lambda: idpin.request(**{kind: faults.IPC_IDS[kind]}).__enter__()
+                      .__exit__(None, None, None))
+    armed = faults.armed_knobs()
+    faults.force_clean(faults.read_limits())
+    assert outcome is None or isinstance(outcome, idpin.IdpinError), repr(outcome)
+    assert armed == {}, "left armed: %s" % armed
+
+
+@pytest.mark.parametrize("kind,limit", [("msg", ("msgmni", 0)), ("sem", ("sem", 3))])
+def test_item4_a_limit_changed_after_the_kill_is_not_put_back_by_the_next_user(kind, limit):
+    # A holder killed while a full namespace's limit was raised leaves a
+    # record; the next holder puts the limit back. If someone changed the
+    # limit on purpose since (made room), the record is stale: putting the
+    # old value back would undo their change and fill the namespace again.
+    faults.fill_namespace(kind)
+    worker = ORIGINALS["os.fork"]()
+    if worker == 0:
+        try:
+            kill_at_first_rmid(kind)
+            with idpin.request(**{kind: faults.IPC_IDS[kind]}):
+                pass
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(worker, 0)
+    assert os.WIFSIGNALED(status), "the worker was not killed at IPC_RMID"
+    set_limit(limit[0], limit[1], 500)  # an administrator makes room
+    with idpin.request(sem=SEM_A):  # the next idpin user
+        pass
+    now = faults.read_limits()[limit[0]][limit[1]]
+    remove_all_objects()
+    assert now == "500", "the next idpin user put kernel.%s back to %s" % (limit[0], now)
+
+
+@pytest.mark.parametrize("kind", ["sem", "msg"])
+def test_item1_a_thread_that_began_and_ended_inside_the_block_is_not_credited(kind):
+    # A thread started below threading (as a C extension's pthread_create
+    # would; here _thread.start_new_thread) creates the object and is gone
+    # before the block ends: the process was single-threaded at both ends of
+    # the block, yet the one object that appeared is not the block's.
+    import _thread
+
+    want = faults.IPC_IDS[kind]
+    done = _thread.allocate_lock()
+    done.acquire()
+    theirs = []
+
+    def create():
+        theirs.append((sysv_create(kind), threading.get_native_id()))
+        done.release()
+
+    try:
+        try:
+            with idpin.request(**{kind: want}) as req:
+                _thread.start_new_thread(create, ())
+                assert done.acquire(timeout=10)
+                assert wait_until(lambda: not os.path.exists("/proc/self/task/%d" % theirs[0][1]))
+        except idpin.IdBusyError:
+            pass  # refusing is right
+        assert theirs[0][0] == want, theirs
+        assert kind not in req.consumed, "credited a transient thread's %s %d" % (kind, want)
+    finally:
+        remove_all_objects()

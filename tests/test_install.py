@@ -11,8 +11,9 @@ ROUTED = {"os.fork": (os, "fork"), "os.forkpty": (os, "forkpty"), "os.openpty": 
           "pty.fork": (pty, "fork"), "pty.openpty": (pty, "openpty"),
           "threading.Thread.start": (threading.Thread, "start"),
           "threading._start_new_thread": (threading, "_start_new_thread"),
-          "subprocess._fork_exec": (subprocess, "_fork_exec"), "os.posix_spawn": (os, "posix_spawn"),
-          "os.posix_spawnp": (os, "posix_spawnp"), "os.system": (os, "system")}
+          "subprocess._fork_exec": (subprocess, "_fork_exec"),
+          "os.posix_spawn": (os, "posix_spawn"), "os.posix_spawnp": (os, "posix_spawnp"),
+          "os.system": (os, "system")}
 
 
 def current(name):

@@ -129,25 +129,45 @@ def _python_resumable_exit(self, exc_type, exc, tb):
     """``__exit__`` of idpin's context managers, without the compiled extension.
 
     The same as the extension's ``resumable_exit``, except that a Python
-    signal handler can still raise at this function's first instruction.
+    signal handler can still raise at this function's first instruction and
+    between its calls.
     """
-    try:
-        return self._exit(exc_type, exc, tb)
-    except BaseException as first:
+    first = None
+    for _ in range(16):
         try:
-            self._exit(exc_type, exc, tb)
-        except BaseException as second:
-            if second is not first:
-                raise second from first
-        raise
+            result = self._exit(exc_type, exc, tb)
+        except BaseException as err:  # noqa: B902 - finished by the next call
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first
+
+
+def _python_finish(fn, *args):
+    """``fn(*args)``, called again while it raises (see the extension's ``finish``)."""
+    first = None
+    for _ in range(16):
+        try:
+            result = fn(*args)
+        except BaseException as err:  # noqa: B902 - finished by the next call
+            if first is None:
+                first = err
+            continue
+        if first is None:
+            return result
+        break
+    raise first
 
 
 try:
-    # Control flow, not a syscall: taken from the extension whichever
+    # Control flow, not syscalls: taken from the extension whichever
     # backend makes the syscalls.
-    from ._cython import resumable_exit
+    from ._cython import finish, resumable_exit
 except ImportError:
-    resumable_exit = _python_resumable_exit
+    finish, resumable_exit = _python_finish, _python_resumable_exit
 
 try:
     tid_cache_offset()

@@ -394,13 +394,19 @@ def record_write(name, data):
     payload = bytes(data)
     attr = _MqAttr(0, 1, max(len(payload), 1), 0)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    queue = _libc.mq_open(os.fsencode(name), flags, ctypes.c_uint(0o600), ctypes.byref(attr))
-    if queue < 0:
+    # One step to the caller, as in the Cython backend: no signal handler
+    # may run while the queue's descriptor is open.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        queue = _libc.mq_open(os.fsencode(name), flags, ctypes.c_uint(0o600), ctypes.byref(attr))
+        if queue < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), name)
+        rc = _libc.mq_send(queue, payload, len(payload), 0)
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), name)
-    rc = _libc.mq_send(queue, payload, len(payload), 0)
-    code = ctypes.get_errno()
-    _libc.mq_close(queue)
+        _libc.mq_close(queue)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if rc < 0:
         record_remove(name)
         raise OSError(code, "mq_send: %s" % os.strerror(code))
@@ -408,23 +414,25 @@ def record_write(name, data):
 
 def record_read(name):
     """The message of the record ``name``, or None if there is none."""
-    queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    if queue < 0:
-        code = ctypes.get_errno()
-        if code == errno.ENOENT:
-            return None
-        raise OSError(code, os.strerror(code), name)
+    buf = ctypes.create_string_buffer(65536)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
-        buf = ctypes.create_string_buffer(65536)
-        got = _libc.mq_receive(queue, buf, 65536, None)
-        if got < 0:
+        queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if queue < 0:
             code = ctypes.get_errno()
-            if code == errno.EAGAIN:
-                return b""
-            raise OSError(code, "mq_receive: %s" % os.strerror(code))
-        return buf.raw[:got]
-    finally:
+            if code == errno.ENOENT:
+                return None
+            raise OSError(code, os.strerror(code), name)
+        got = _libc.mq_receive(queue, buf, 65536, None)
+        code = ctypes.get_errno()
         _libc.mq_close(queue)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if got < 0:
+        if code == errno.EAGAIN:
+            return b""
+        raise OSError(code, "mq_receive: %s" % os.strerror(code))
+    return buf.raw[:got]
 
 
 def record_remove(name):

@@ -33,8 +33,9 @@ def add_arguments(p):
     sub = p.add_subparsers(dest="suite", metavar="SUITE")
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
                        ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
-                       ("faults", "SIGKILLs and raising signal handlers at random points, per kind: "
-                                  "leftovers and silent wrong ids"),
+                       ("faults", "SIGKILLs, raising signal handlers (one or a storm) and foreign "
+                                  "creators at random points, per kind: leftovers and silent wrong "
+                                  "ids"),
                        ("restore", "a whole tree restored and verified, against the same tree forked plainly"),
                        ("supervisor", "the seccomp supervisor's cost to a program, vs a C supervisor "
                                       "and vs running unsupervised")):

@@ -149,7 +149,7 @@ def system(command):
 for _routed, _original in ((fork_exec, "subprocess._fork_exec"), (posix_spawn, "os.posix_spawn"),
                            (posix_spawnp, "os.posix_spawnp"), (system, "os.system")):
     _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.spawn)." % _original
-    setattr(_routed, "__wrapped__", ORIGINALS[_original])  # a plain attribute, as functools.wraps sets it
+    _routed.__wrapped__ = ORIGINALS[_original]  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ the pinned process
