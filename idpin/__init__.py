@@ -7,8 +7,10 @@ A request is per thread and one-shot per kind; the id is exactly right or the
 allocation raises IdBusyError. See README.md for the contract.
 
 Importing idpin replaces os.fork, os.forkpty, os.openpty, pty.fork,
-pty.openpty and threading.Thread.start for the whole process with versions
-routed through idpin (ordinary calls when no request is pending);
+pty.openpty, threading.Thread.start and the stdlib's process creation
+(subprocess, os.posix_spawn, os.posix_spawnp, os.system) for the whole
+process with versions routed through idpin (ordinary calls when no request
+is pending);
 idpin.uninstall() puts the originals back and idpin.install() routes again.
 """
 from . import _sys

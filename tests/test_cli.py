@@ -173,9 +173,9 @@ def _demo_as_this_user():
 @pytest.mark.host
 def test_demo_needs_no_privilege_shows_naive_failures_and_no_idpin_wrong_pid():
     # As uid 65534 (.ci/run runs 'idpin demo' as root). Once, not per backend:
-    # the demo is the slowest command.
+    # the demo is the slowest command (seconds; minutes on a loaded machine).
     uid, (status, text) = idpin.testing.run_in_namespaces(
-        _demo_as_this_user, uid=idpin.testing.NOBODY, userns=False)
+        _demo_as_this_user, uid=idpin.testing.NOBODY, userns=False, timeout=600)
     assert (uid, status) == (idpin.testing.NOBODY, 0), text
     exact = {line.split()[0]: line.split()[1:3] for line in text.splitlines()[4:10]}
     assert exact == {"pid": ["4242", "4242"], "tid": ["4343", "4343"], "sem": ["32776", "32776"],

@@ -79,17 +79,18 @@ ROUTES: dict[tuple[Any, str], Callable[..., Any]] = {
 
 
 def install() -> None:
-    """Route os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty and
-    threading.Thread.start (and threading's internal _start_new_thread)
-    through idpin, process-wide (``import idpin`` does it)."""
+    """Route os.fork, os.forkpty, os.openpty, pty.fork, pty.openpty,
+    threading.Thread.start (and threading's internal _start_new_thread) and
+    the stdlib's process creation (subprocess's _fork_exec, os.posix_spawn,
+    os.posix_spawnp, os.system) through idpin, process-wide (``import
+    idpin`` does it)."""
     for (owner, name), routed in ROUTES.items():
         setattr(owner, name, routed)
 
 
 def uninstall() -> None:
-    """Put the stdlib's own os.fork, os.forkpty, os.openpty, pty.fork,
-    pty.openpty, threading.Thread.start and threading._start_new_thread
-    back, process-wide.
+    """Put the stdlib's own functions back (every one ``install`` routes),
+    process-wide.
 
     Request blocks then reach only idpin's explicit entry points
     (idpin.fork, idpin.ipc.*, idpin.pty.*) and the kernel knobs (tid, IPC):
