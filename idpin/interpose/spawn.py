@@ -54,10 +54,12 @@ waiting for the exec kills and reaps the child before it propagates.
 
 Differences from the originals:
 
-- The child is a full fork through CPython's fork protocol, so
-  ``os.register_at_fork`` hooks run (as they do for a preexec_fn); the
-  garbage collector is off in the child, so no finalizer of the parent's
-  objects runs there.
+- The child is a full fork through CPython's fork protocol where the
+  stdlib uses vfork: ``os.register_at_fork`` hooks run (as they do for a
+  preexec_fn), and the caller's page tables are copied (a vfork-style
+  clone3 with set_tid doing these steps in C, in _sys, would avoid that).
+  The garbage collector is off in the child, so no finalizer of the
+  parent's objects runs there.
 - glibc's posix_spawn child leaves glibc's two internal signals (32, 33)
   ignored in the program; a pinned child leaves them as the caller had
   them (glibc programs install their own handlers for both at startup).
