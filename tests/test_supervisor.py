@@ -321,9 +321,15 @@ def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
     assert (out, status) == (b"got TERM\n", 5)
 
 
-def test_idpin_run_refuses_pid_1_in_fresh_namespaces_with_the_reason():
-    out, err, status = IdpinRun("--pid", "1", "--", "true").finish()
-    assert status == 2 and b"pid 1 is the supervisor" in err
+@as_root_and_nobody
+def test_idpin_run_makes_a_plan_root_of_pid_1_the_namespace_s_init(uid):
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
+        json.dump(plan_of([{"pid": 1, "next": {"pid": [2, 3]}}, {"pid": 3, "next": {"sem": [SEM]}}]), plan)
+        plan.flush()
+        script = "echo $$; sleep 0 & echo $!; wait; ipcmk -S 1; echo pid=77 >&$IDPIN_REQUEST_FD; " \
+                 "sh -c 'echo $$'; exit 4"
+        out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c", script).finish()
+    assert (out.split(), status) == ([b"1", b"2", b"Semaphore", b"id:", str(SEM).encode(), b"77"], 4), err
 
 
 def test_the_feature_probe_finds_what_this_kernel_version_has():

@@ -450,7 +450,22 @@ class Supervisor:
             return
         if not fds:
             return  # the launcher failed before it installed anything
-        channel.listener = fds[0]
+        self._start(channel, fds[0])
+        try:
+            ours.send(b"A")
+        except OSError:
+            pass
+
+    def attach(self, listener, requests):
+        """Supervise a program this process did not spawn: its filter's
+        ``listener`` fd and the socket end of its request fd (both are
+        closed by close())."""
+        requests.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        requests.setblocking(False)
+        self._start(_Channel(requests), listener)
+
+    def _start(self, channel, listener):
+        channel.listener = listener
         if self._sync_wakeup:
             try:
                 _sys.notif_set_flags(channel.listener, _sys.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
@@ -460,10 +475,6 @@ class Supervisor:
         channel.thread = threading.Thread(target=self._receive, args=(channel,),
                                           name="idpin-receive", daemon=True)
         channel.thread.start()
-        try:
-            ours.send(b"A")
-        except OSError:
-            pass
 
     def _receive(self, channel):
         while True:
