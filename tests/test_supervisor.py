@@ -361,7 +361,7 @@ def test_the_notification_calls_leak_neither_objects_nor_fds(backend):
     listener = socket.recv_fds(ours, 1, 1)[1][0]
     ours.close()
     stop_read, stop_write = os.pipe()
-    control = bytearray(16)
+    control = bytearray(4 * _sys.LOOP_CONTROL_INTS)
 
     def one():
         nid, pid, nr, arch, ip, args = _sys.notif_loop(listener, stop_read, -1, control)

@@ -344,8 +344,11 @@ class Supervisor:
         self._channels = []
         self._queue = queue.SimpleQueue()
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC)
-        self._control = bytearray(4 * _sys.LOOP_CONTROL_INTS + 8)
-        struct.pack_into("=II", self._control, 8, self._write_nr, seccomp_filter.NATIVE_ARCH)
+        self._control = bytearray(4 * _sys.LOOP_CONTROL_INTS)
+        struct.pack_into("=II", self._control, 4 * _sys.LOOP_SLOW_NR, self._write_nr,
+                         seccomp_filter.NATIVE_ARCH)
+        struct.pack_into("=III", self._control, 4 * _sys.LOOP_EXITS_FAST, 1,
+                         *(seccomp_filter.syscall_number(name) for name in seccomp_filter.EXIT_CALLS))
         self._holds = 0
         self._latest = {}
         self._installed_ptys = set()
@@ -514,6 +517,16 @@ class Supervisor:
                            and self.pending.empty())
 
     @contextlib.contextmanager
+    def _exits_held(self):
+        """Exits wait for the worker meanwhile: a short child is still there
+        to be verified (the loop answers them itself otherwise)."""
+        struct.pack_into("=I", self._control, 4 * _sys.LOOP_EXITS_FAST, 0)
+        try:
+            yield
+        finally:
+            struct.pack_into("=I", self._control, 4 * _sys.LOOP_EXITS_FAST, 1)
+
+    @contextlib.contextmanager
     def _holding(self):
         with self._state_lock:
             self._holds += 1
@@ -670,7 +683,7 @@ class Supervisor:
 
     def _pin_pid(self, channel, notification, tgid, kind, want, flags):
         lock = knobs.namespace_lock("pid")
-        with lock.held():
+        with lock.held(), self._exits_held():
             if pids.pid_in_use(want):
                 return BUSY
             knob = lock.knob("ns_last_pid")
