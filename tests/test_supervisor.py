@@ -145,6 +145,16 @@ def test_a_c_program_asks_for_its_thread_s_next_pid(allocate):
     assert len(errors) == 1 and "bad id 'x'" in errors[0]
 
 
+def test_a_request_fd_number_reused_for_a_file_is_a_plain_write(allocate):
+    with tempfile.TemporaryDirectory() as workdir:
+        path = os.path.join(workdir, "log")
+        lines, status, _, errors, _ = run([allocate, "reuse", path])
+        with open(path) as f:
+            assert f.read() == "pid=9"
+    assert lines[:2] == [lines[0], "write=5"] and lines[0].startswith("reused=")
+    assert lines[2] != "pid=9" and errors == []
+
+
 def test_a_taken_requested_id_is_ebusy_even_without_strict(allocate):
     lines, _, _, _, _ = run([allocate, "request", "pid=1"])
     assert lines == ["write=5", "pid:errno=%d" % errno.EBUSY]

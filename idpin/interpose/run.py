@@ -82,10 +82,11 @@ def _run_as_init(argv, plan, strict):
         requests.close()
         _launch_init(argv, bpf, handoff_peer, request_end, request_number)
     handoff_peer.close()
+    request_inode = os.fstat(request_end.fileno()).st_ino
     request_end.close()
     supervisor = pids.fork(pid=supervisor_pid, mechanism="clone3")
     if supervisor == 0:
-        _supervise_init(plan, strict, handoff, requests)
+        _supervise_init(plan, strict, handoff, requests, request_inode)
     handoff.close()
     requests.close()
     # The supervisor must be reaped while we wait: the exiting init waits
@@ -111,7 +112,7 @@ def _launch_init(argv, bpf, handoff, request_end, request_number):
         os._exit(status)
 
 
-def _supervise_init(plan, strict, handoff, requests):
+def _supervise_init(plan, strict, handoff, requests, request_inode):
     status = 70
     try:
         testing.mount_proc_and_devpts()
@@ -121,7 +122,7 @@ def _supervise_init(plan, strict, handoff, requests):
         _sys.knob_write(knob, os.getpid() - 16)
         sup = Supervisor(plan, strict=strict)
         _, fds, _, _ = socket.recv_fds(handoff, 1, 1)
-        sup.attach(fds[0], requests)
+        sup.attach(fds[0], requests, request_inode)
         _sys.knob_write(knob, 1)
         os.close(knob)
         handoff.send(b"A")

@@ -312,9 +312,12 @@ def _install(bpf, flags):
 class _Channel:
     """One spawned program: its listener, its request socket, its receive thread."""
 
-    def __init__(self, requests):
+    def __init__(self, requests, request_inode=None):
         self.listener = -1
         self.requests = requests
+        # The program's end of the request socket: a trapped write on its fd
+        # number is a request only while that number still holds this socket.
+        self.request_inode = request_inode
         self.thread = None
 
 
@@ -371,7 +374,7 @@ class Supervisor:
         requests.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         requests.setblocking(False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = _Channel(requests)
+        channel = _Channel(requests, os.fstat(request_end.fileno()).st_ino)
         receiver = None
         fds = None
         try:
@@ -459,13 +462,13 @@ class Supervisor:
         except OSError:
             pass
 
-    def attach(self, listener, requests):
+    def attach(self, listener, requests, request_inode=None):
         """Supervise a program this process did not spawn: its filter's
-        ``listener`` fd and the socket end of its request fd (both are
-        closed by close())."""
+        ``listener`` fd and our end of its request socket (both are closed
+        by close()); ``request_inode``: the inode of the program's end."""
         requests.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         requests.setblocking(False)
-        self._start(_Channel(requests), listener)
+        self._start(_Channel(requests, request_inode), listener)
 
     def _start(self, channel, listener):
         channel.listener = listener
@@ -662,6 +665,8 @@ class Supervisor:
 
     def _request_write(self, channel, notification):
         nid, tid, nr, arch, ip, args = notification
+        if not self._is_request_fd(channel, tid, args[0] & 0xFFFFFFFF):
+            return self._answer(channel, notification)  # the number was reused: a plain write
         count = args[2]
         if count > MAX_REQUEST_BYTES:
             return self._answer(channel, notification, -errno.EINVAL)
@@ -678,6 +683,24 @@ class Supervisor:
             return self._answer(channel, notification, -errno.EINVAL)
         self.pending.add_thread(tid, ids)
         return self._answer(channel, notification, value=count)
+
+    def _is_request_fd(self, channel, tid, fd):
+        if channel.request_inode is None:
+            return True
+        try:
+            pidfd = os.pidfd_open(_tgid(tid) or tid)
+        except OSError:
+            return True  # gone: the answer does not matter
+        try:
+            theirs = _sys.pidfd_getfd(pidfd, fd)
+        except OSError:
+            return False
+        finally:
+            os.close(pidfd)
+        try:
+            return os.fstat(theirs).st_ino == channel.request_inode
+        finally:
+            os.close(theirs)
 
     # -- pids and tids: ns_last_pid under the lock, CONTINUE, verify
 
@@ -755,7 +778,7 @@ class Supervisor:
             if kind != "msg" and arg == 0:
                 self._answer(channel, notification)
                 return NOT_ALLOCATED  # EINVAL before the knob is read
-            if _sys.ipc_stat_index(code, ipc.index_of(want)) != -1:
+            if _held_at(code, want) != -1:
                 return BUSY
             name = ipc.KNOB[kind]
             knob = lock.knob(name)
@@ -766,7 +789,7 @@ class Supervisor:
             if _wait_knob(knob, lambda value: value == -1, self._call_over(notification)) is None:
                 ipc.consume_knob(kind, lock)  # never leave it armed
                 return NOT_ALLOCATED
-            held = _sys.ipc_stat_index(code, ipc.index_of(want))
+            held = _held_at(code, want)
             if held in (want, -1):
                 # Created while every other supervised creation waited:
                 # ours (-1: the program removed it already).
@@ -920,6 +943,17 @@ def _same_namespace(tgid, kind):
         return os.stat("/proc/%d/ns/%s" % (tgid, kind)).st_ino == os.stat("/proc/self/ns/" + kind).st_ino
     except OSError:
         return False
+
+
+def _held_at(code, id):
+    """The id of the object at ``id``'s index, -1 if free; one being removed
+    right now (EIDRM: the program removes what it made at once) is gone."""
+    try:
+        return _sys.ipc_stat_index(code, ipc.index_of(id))
+    except OSError as err:
+        if err.errno != errno.EIDRM:
+            raise
+        return -1
 
 
 def _key_exists(kind, key):
