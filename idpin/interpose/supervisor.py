@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 from .. import _sys, ipc, knobs, pids
 from .. import pty as idpin_pty
@@ -586,7 +587,9 @@ class Supervisor:
             try:
                 self._handle(channel, notification)
             except Exception as err:  # a failing handler must not stop the others
-                self.errors.append("handling %r: %s: %s" % (notification[:3], type(err).__name__, err))
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                self.errors.append("handling %r: %s: %s (at %s:%d)" % (
+                    notification[:3], type(err).__name__, err, os.path.basename(where.filename), where.lineno))
                 self._answer(channel, notification, -errno.EBUSY)
             if self._queue.empty():
                 self._update_fast_path()
