@@ -313,11 +313,11 @@ class IdpinRun:
 @as_root_and_nobody
 def test_idpin_run_gives_the_planned_pids_in_fresh_namespaces_and_passes_the_status(uid):
     with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
-        json.dump(plan_of([{"pid": 100, "next": {"pid": [200, 201]}}]), plan)
+        json.dump(plan_of([{"pid": 100, "next": {"pid": [2, 101]}}]), plan)
         plan.flush()
         out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c",
-                                    "echo $$; sleep 0 & echo $!; wait; exit 3").finish()
-    assert (out.split(), status) == ([b"100", b"200"], 3), err
+                                    "echo $$; sleep 0 & echo $!; wait; sleep 0 & echo $!; wait; exit 3").finish()
+    assert (out.split(), status) == ([b"100", b"2", b"101"], 3), err
 
 
 def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
@@ -329,6 +329,18 @@ def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
     os.kill(run.pid, signal.SIGTERM)
     out, _, status = run.finish()
     assert (out, status) == (b"got TERM\n", 5)
+
+
+def test_the_supervisor_s_threads_leave_the_pids_after_the_program_s_free(allocate):
+    plan = plan_of([{"pid": 100, "next": {"pid": [101, 102]}}])
+    lines, status, _, errors, _ = run([allocate, "fork", "2"], plan, pid=100)
+    assert (lines, status, errors) == (["pid=101", "pid=102"], 0, [])
+
+
+def test_idpin_run_here_supervises_in_the_current_namespaces():
+    out, err, status = IdpinRun("--here", "--pid", "300", "--", "sh", "-c",
+                                "echo $$; echo pid=301 >&$IDPIN_REQUEST_FD; sleep 0 & echo $!; wait").finish()
+    assert (out.split(), status) == ([b"300", b"301"], 0), err
 
 
 @as_root_and_nobody

@@ -53,6 +53,9 @@ def run(argv, pid=None, plan=None, strict=False, here=False):
         status = 70
         try:
             testing.mount_proc_and_devpts()
+            # The supervisor's threads take pids here: from the top of the
+            # range, not the low ones a plan names.
+            _move_cursor(pids.namespace_pid_max() - 64)
             status = _supervise(argv, root, plan, strict)
         finally:
             os._exit(status)
@@ -118,13 +121,11 @@ def _supervise_init(plan, strict, handoff, requests, request_inode):
         testing.mount_proc_and_devpts()
         # Our threads take pids of this namespace: start them at the top of
         # the range, then give the cursor back to the program.
-        knob = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDWR | os.O_CLOEXEC)
-        _sys.knob_write(knob, os.getpid() - 16)
+        _move_cursor(os.getpid() - 16)
         sup = Supervisor(plan, strict=strict)
         _, fds, _, _ = socket.recv_fds(handoff, 1, 1)
         sup.attach(fds[0], requests, request_inode)
-        _sys.knob_write(knob, 1)
-        os.close(knob)
+        _move_cursor(1)
         handoff.send(b"A")
         while True:  # until the program's exit ends the namespace
             time.sleep(3600)
@@ -132,6 +133,15 @@ def _supervise_init(plan, strict, handoff, requests, request_inode):
         sys.stderr.write("idpin run: the supervisor failed: %s\n" % err)
     finally:
         os._exit(status)
+
+
+def _move_cursor(last_pid):
+    """ns_last_pid = last_pid in this (fresh) pid namespace."""
+    knob = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _sys.knob_write(knob, last_pid)
+    finally:
+        os.close(knob)
 
 
 def _supervise(argv, root, plan, strict):

@@ -409,8 +409,7 @@ class Supervisor:
         fds.close()
         theirs.close()
         request_end.close()
-        receiver.join(LISTENER_SECONDS)
-        ours.close()
+        ours.close()  # the launcher got its answer before it exec'd
         if channel.listener < 0:
             proc.kill()
             proc.wait()
@@ -457,11 +456,14 @@ class Supervisor:
             return
         if not fds:
             return  # the launcher failed before it installed anything
-        self._start(channel, fds[0])
+        self._start(channel, fds[0], thread=False)
         try:
             ours.send(b"A")
         except OSError:
             pass
+        # This thread becomes the receive loop: a thread started now would
+        # take the pid right after the program's, which a plan may name.
+        self._receive(channel)
 
     def attach(self, listener, requests, request_inode=None):
         """Supervise a program this process did not spawn: its filter's
@@ -471,7 +473,7 @@ class Supervisor:
         requests.setblocking(False)
         self._start(_Channel(requests, request_inode), listener)
 
-    def _start(self, channel, listener):
+    def _start(self, channel, listener, thread=True):
         channel.listener = listener
         if self._sync_wakeup:
             try:
@@ -479,9 +481,12 @@ class Supervisor:
             except OSError:
                 pass  # before 6.6: ordinary wake-ups
         self._channels.append(channel)
-        channel.thread = threading.Thread(target=self._receive, args=(channel,),
-                                          name="idpin-receive", daemon=True)
-        channel.thread.start()
+        if thread:
+            channel.thread = threading.Thread(target=self._receive, args=(channel,),
+                                              name="idpin-receive", daemon=True)
+            channel.thread.start()
+        else:
+            channel.thread = threading.current_thread()
 
     def _receive(self, channel):
         while True:
