@@ -1247,8 +1247,10 @@ cdef int _loop(int fd, int stop_fd, int extra_fd, uint32_t *control, seccomp_not
                 continue
             err[0] = errno
             return LOOP_FAILED
-        if (control[0] and n.data.arch == control[3]
-                and <uint32_t>n.data.nr != control[2]):
+        if n.data.arch == control[3] and (
+                (control[0] and <uint32_t>n.data.nr != control[2])
+                or (control[4] and (<uint32_t>n.data.nr == control[5]
+                                    or <uint32_t>n.data.nr == control[6]))):
             # ENOENT from SEND: the caller is gone, nothing to answer.
             _send(fd, n.id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             control[1] += 1
@@ -1261,16 +1263,17 @@ def notif_loop(fd, stop_fd, extra_fd, control):
     ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
     none) is readable.
 
-    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    ``control`` is a writable buffer of 7 uint32 read on every notification:
     [0] nonzero = answer CONTINUE here for every call of arch [3] whose
-    syscall number is not [2]; [1] counts those answers.
+    syscall number is not [2]; [4] nonzero = also for syscall numbers [5]
+    and [6] of arch [3]; [1] counts those answers.
     """
     cdef int cfd = _c_int(fd)
     cdef int cstop = _c_int(stop_fd)
     cdef int cextra = _c_int(extra_fd)
     cdef unsigned char[::1] view = control
-    if view.shape[0] < 16:
-        raise ValueError("the loop control buffer needs 4 uint32")
+    if view.shape[0] < 28:
+        raise ValueError("the loop control buffer needs 7 uint32")
     cdef uint32_t *ctl = <uint32_t *>&view[0]
     cdef seccomp_notif n
     cdef int err = 0

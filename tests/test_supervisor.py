@@ -145,6 +145,16 @@ def test_a_c_program_asks_for_its_thread_s_next_pid(allocate):
     assert len(errors) == 1 and "bad id 'x'" in errors[0]
 
 
+def test_a_request_fd_number_reused_for_a_file_is_a_plain_write(allocate):
+    with tempfile.TemporaryDirectory() as workdir:
+        path = os.path.join(workdir, "log")
+        lines, status, _, errors, _ = run([allocate, "reuse", path])
+        with open(path) as f:
+            assert f.read() == "pid=9"
+    assert lines[:2] == [lines[0], "write=5"] and lines[0].startswith("reused=")
+    assert lines[2] != "pid=9" and errors == []
+
+
 def test_a_taken_requested_id_is_ebusy_even_without_strict(allocate):
     lines, _, _, _, _ = run([allocate, "request", "pid=1"])
     assert lines == ["write=5", "pid:errno=%d" % errno.EBUSY]
@@ -303,11 +313,11 @@ class IdpinRun:
 @as_root_and_nobody
 def test_idpin_run_gives_the_planned_pids_in_fresh_namespaces_and_passes_the_status(uid):
     with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
-        json.dump(plan_of([{"pid": 100, "next": {"pid": [200, 201]}}]), plan)
+        json.dump(plan_of([{"pid": 100, "next": {"pid": [2, 101]}}]), plan)
         plan.flush()
         out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c",
-                                    "echo $$; sleep 0 & echo $!; wait; exit 3").finish()
-    assert (out.split(), status) == ([b"100", b"200"], 3), err
+                                    "echo $$; sleep 0 & echo $!; wait; sleep 0 & echo $!; wait; exit 3").finish()
+    assert (out.split(), status) == ([b"100", b"2", b"101"], 3), err
 
 
 def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
@@ -321,9 +331,27 @@ def test_idpin_run_passes_signals_on_and_honours_the_request_fd():
     assert (out, status) == (b"got TERM\n", 5)
 
 
-def test_idpin_run_refuses_pid_1_in_fresh_namespaces_with_the_reason():
-    out, err, status = IdpinRun("--pid", "1", "--", "true").finish()
-    assert status == 2 and b"pid 1 is the supervisor" in err
+def test_the_supervisor_s_threads_leave_the_pids_after_the_program_s_free(allocate):
+    plan = plan_of([{"pid": 100, "next": {"pid": [101, 102]}}])
+    lines, status, _, errors, _ = run([allocate, "fork", "2"], plan, pid=100)
+    assert (lines, status, errors) == (["pid=101", "pid=102"], 0, [])
+
+
+def test_idpin_run_here_supervises_in_the_current_namespaces():
+    out, err, status = IdpinRun("--here", "--pid", "300", "--", "sh", "-c",
+                                "echo $$; echo pid=301 >&$IDPIN_REQUEST_FD; sleep 0 & echo $!; wait").finish()
+    assert (out.split(), status) == ([b"300", b"301"], 0), err
+
+
+@as_root_and_nobody
+def test_idpin_run_makes_a_plan_root_of_pid_1_the_namespace_s_init(uid):
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as plan:
+        json.dump(plan_of([{"pid": 1, "next": {"pid": [2, 3]}}, {"pid": 3, "next": {"sem": [SEM]}}]), plan)
+        plan.flush()
+        script = "echo $$; sleep 0 & echo $!; wait; ipcmk -S 1; echo pid=77 >&$IDPIN_REQUEST_FD; " \
+                 "sh -c 'echo $$'; exit 4"
+        out, err, status = IdpinRun("--plan", plan.name, "--", "sh", "-c", script).finish()
+    assert (out.split(), status) == ([b"1", b"2", b"Semaphore", b"id:", str(SEM).encode(), b"77"], 4), err
 
 
 def test_the_feature_probe_finds_what_this_kernel_version_has():
@@ -355,7 +383,7 @@ def test_the_notification_calls_leak_neither_objects_nor_fds(backend):
     listener = socket.recv_fds(ours, 1, 1)[1][0]
     ours.close()
     stop_read, stop_write = os.pipe()
-    control = bytearray(16)
+    control = bytearray(4 * _sys.LOOP_CONTROL_INTS)
 
     def one():
         nid, pid, nr, arch, ip, args = _sys.notif_loop(listener, stop_read, -1, control)

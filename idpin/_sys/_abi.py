@@ -88,6 +88,10 @@ SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104  # _IOW('!', 4, __u64), 6.6
 PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 # Offsets in the control buffer notif_loop reads on every notification.
-LOOP_FAST = 0       # int32: nonzero = answer CONTINUE in the loop itself
-LOOP_ANSWERED = 1   # int32: how many calls the loop answered itself
-LOOP_CONTROL_INTS = 2
+LOOP_FAST = 0       # nonzero = answer CONTINUE in the loop itself
+LOOP_ANSWERED = 1   # how many calls the loop answered itself
+LOOP_SLOW_NR = 2    # a syscall number the fast path never answers (write)
+LOOP_ARCH = 3       # the audit arch the fast paths apply to
+LOOP_EXITS_FAST = 4  # nonzero = answer the two numbers below even when [0] is 0
+LOOP_EXIT_NRS = (5, 6)
+LOOP_CONTROL_INTS = 7

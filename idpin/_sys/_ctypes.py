@@ -747,11 +747,12 @@ def notif_loop(fd, stop_fd, extra_fd, control):
     ``stop_fd`` is readable or no target is left, () when ``extra_fd`` (-1:
     none) is readable.
 
-    ``control`` is a writable buffer of 4 uint32 read on every notification:
+    ``control`` is a writable buffer of 7 uint32 read on every notification:
     [0] nonzero = answer CONTINUE here for every call of arch [3] whose
-    syscall number is not [2]; [1] counts those answers.
+    syscall number is not [2]; [4] nonzero = also for syscall numbers [5]
+    and [6] of arch [3]; [1] counts those answers.
     """
-    ctl = (ctypes.c_uint32 * 4).from_buffer(control)
+    ctl = (ctypes.c_uint32 * 7).from_buffer(control)
     # The listener is polled before the extra fd: a request written there
     # before a trapped call is then always seen with (or before) that call.
     fds = (_Pollfd * 3)(_Pollfd(fd, _POLLIN, 0), _Pollfd(stop_fd, _POLLIN, 0),
@@ -775,7 +776,8 @@ def notif_loop(fd, stop_fd, extra_fd, control):
             if ctypes.get_errno() in (errno.ENOENT, errno.EINTR):
                 continue
             raise _oserror("seccomp notification loop")
-        if ctl[0] and n.data.arch == ctl[3] and (n.data.nr & 0xFFFFFFFF) != ctl[2]:
+        nr = n.data.nr & 0xFFFFFFFF
+        if n.data.arch == ctl[3] and ((ctl[0] and nr != ctl[2]) or (ctl[4] and nr in (ctl[5], ctl[6]))):
             _send(fd, n.id, 0, 0, _abi.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
             ctl[1] += 1
             continue

@@ -56,9 +56,15 @@ def libseccomp():
     """The libseccomp runtime, loaded once; UnsupportedError with the fix if absent."""
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
         try:
-            lib = ctypes.CDLL(name, use_errno=True)
+            # The soname first: find_library runs ldconfig, a process that
+            # takes a pid in a namespace whose pids a plan names.
+            lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        except OSError:
+            lib = None
+        name = None if lib is not None else ctypes.util.find_library("seccomp")
+        try:
+            lib = lib or ctypes.CDLL(name or "libseccomp.so.2", use_errno=True)
         except OSError:
             raise UnsupportedError(
                 "the seccomp supervisor needs libseccomp's runtime library (libseccomp.so.2): "

@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 from .. import _sys, ipc, knobs, pids
 from .. import pty as idpin_pty
@@ -312,9 +313,12 @@ def _install(bpf, flags):
 class _Channel:
     """One spawned program: its listener, its request socket, its receive thread."""
 
-    def __init__(self, requests):
+    def __init__(self, requests, request_inode=None):
         self.listener = -1
         self.requests = requests
+        # The program's end of the request socket: a trapped write on its fd
+        # number is a request only while that number still holds this socket.
+        self.request_inode = request_inode
         self.thread = None
 
 
@@ -344,8 +348,11 @@ class Supervisor:
         self._channels = []
         self._queue = queue.SimpleQueue()
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC)
-        self._control = bytearray(4 * _sys.LOOP_CONTROL_INTS + 8)
-        struct.pack_into("=II", self._control, 8, self._write_nr, seccomp_filter.NATIVE_ARCH)
+        self._control = bytearray(4 * _sys.LOOP_CONTROL_INTS)
+        struct.pack_into("=II", self._control, 4 * _sys.LOOP_SLOW_NR, self._write_nr,
+                         seccomp_filter.NATIVE_ARCH)
+        struct.pack_into("=III", self._control, 4 * _sys.LOOP_EXITS_FAST, 1,
+                         *(seccomp_filter.syscall_number(name) for name in seccomp_filter.EXIT_CALLS))
         self._holds = 0
         self._latest = {}
         self._installed_ptys = set()
@@ -368,7 +375,7 @@ class Supervisor:
         requests.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         requests.setblocking(False)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel = _Channel(requests)
+        channel = _Channel(requests, os.fstat(request_end.fileno()).st_ino)
         receiver = None
         fds = None
         try:
@@ -402,8 +409,7 @@ class Supervisor:
         fds.close()
         theirs.close()
         request_end.close()
-        receiver.join(LISTENER_SECONDS)
-        ours.close()
+        ours.close()  # the launcher got its answer before it exec'd
         if channel.listener < 0:
             proc.kill()
             proc.wait()
@@ -450,20 +456,37 @@ class Supervisor:
             return
         if not fds:
             return  # the launcher failed before it installed anything
-        channel.listener = fds[0]
+        self._start(channel, fds[0], thread=False)
+        try:
+            ours.send(b"A")
+        except OSError:
+            pass
+        # This thread becomes the receive loop: a thread started now would
+        # take the pid right after the program's, which a plan may name.
+        self._receive(channel)
+
+    def attach(self, listener, requests, request_inode=None):
+        """Supervise a program this process did not spawn: its filter's
+        ``listener`` fd and our end of its request socket (both are closed
+        by close()); ``request_inode``: the inode of the program's end."""
+        requests.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        requests.setblocking(False)
+        self._start(_Channel(requests, request_inode), listener)
+
+    def _start(self, channel, listener, thread=True):
+        channel.listener = listener
         if self._sync_wakeup:
             try:
                 _sys.notif_set_flags(channel.listener, _sys.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
             except OSError:
                 pass  # before 6.6: ordinary wake-ups
         self._channels.append(channel)
-        channel.thread = threading.Thread(target=self._receive, args=(channel,),
-                                          name="idpin-receive", daemon=True)
-        channel.thread.start()
-        try:
-            ours.send(b"A")
-        except OSError:
-            pass
+        if thread:
+            channel.thread = threading.Thread(target=self._receive, args=(channel,),
+                                              name="idpin-receive", daemon=True)
+            channel.thread.start()
+        else:
+            channel.thread = threading.current_thread()
 
     def _receive(self, channel):
         while True:
@@ -501,6 +524,16 @@ class Supervisor:
         with self._state_lock:
             self._set_fast(not self.strict and self._holds == 0 and self._queue.empty()
                            and self.pending.empty())
+
+    @contextlib.contextmanager
+    def _exits_held(self):
+        """Exits wait for the worker meanwhile: a short child is still there
+        to be verified (the loop answers them itself otherwise)."""
+        struct.pack_into("=I", self._control, 4 * _sys.LOOP_EXITS_FAST, 0)
+        try:
+            yield
+        finally:
+            struct.pack_into("=I", self._control, 4 * _sys.LOOP_EXITS_FAST, 1)
 
     @contextlib.contextmanager
     def _holding(self):
@@ -559,7 +592,9 @@ class Supervisor:
             try:
                 self._handle(channel, notification)
             except Exception as err:  # a failing handler must not stop the others
-                self.errors.append("handling %r: %s: %s" % (notification[:3], type(err).__name__, err))
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                self.errors.append("handling %r: %s: %s (at %s:%d)" % (
+                    notification[:3], type(err).__name__, err, os.path.basename(where.filename), where.lineno))
                 self._answer(channel, notification, -errno.EBUSY)
             if self._queue.empty():
                 self._update_fast_path()
@@ -638,6 +673,8 @@ class Supervisor:
 
     def _request_write(self, channel, notification):
         nid, tid, nr, arch, ip, args = notification
+        if not self._is_request_fd(channel, tid, args[0] & 0xFFFFFFFF):
+            return self._answer(channel, notification)  # the number was reused: a plain write
         count = args[2]
         if count > MAX_REQUEST_BYTES:
             return self._answer(channel, notification, -errno.EINVAL)
@@ -655,11 +692,29 @@ class Supervisor:
         self.pending.add_thread(tid, ids)
         return self._answer(channel, notification, value=count)
 
+    def _is_request_fd(self, channel, tid, fd):
+        if channel.request_inode is None:
+            return True
+        try:
+            pidfd = os.pidfd_open(_tgid(tid) or tid)
+        except OSError:
+            return True  # gone: the answer does not matter
+        try:
+            theirs = _sys.pidfd_getfd(pidfd, fd)
+        except OSError:
+            return False
+        finally:
+            os.close(pidfd)
+        try:
+            return os.fstat(theirs).st_ino == channel.request_inode
+        finally:
+            os.close(theirs)
+
     # -- pids and tids: ns_last_pid under the lock, CONTINUE, verify
 
     def _pin_pid(self, channel, notification, tgid, kind, want, flags):
         lock = knobs.namespace_lock("pid")
-        with lock.held():
+        with lock.held(), self._exits_held():
             if pids.pid_in_use(want):
                 return BUSY
             knob = lock.knob("ns_last_pid")
@@ -731,7 +786,7 @@ class Supervisor:
             if kind != "msg" and arg == 0:
                 self._answer(channel, notification)
                 return NOT_ALLOCATED  # EINVAL before the knob is read
-            if _sys.ipc_stat_index(code, ipc.index_of(want)) != -1:
+            if _held_at(code, want) != -1:
                 return BUSY
             name = ipc.KNOB[kind]
             knob = lock.knob(name)
@@ -742,7 +797,7 @@ class Supervisor:
             if _wait_knob(knob, lambda value: value == -1, self._call_over(notification)) is None:
                 ipc.consume_knob(kind, lock)  # never leave it armed
                 return NOT_ALLOCATED
-            held = _sys.ipc_stat_index(code, ipc.index_of(want))
+            held = _held_at(code, want)
             if held in (want, -1):
                 # Created while every other supervised creation waited:
                 # ours (-1: the program removed it already).
@@ -896,6 +951,17 @@ def _same_namespace(tgid, kind):
         return os.stat("/proc/%d/ns/%s" % (tgid, kind)).st_ino == os.stat("/proc/self/ns/" + kind).st_ino
     except OSError:
         return False
+
+
+def _held_at(code, id):
+    """The id of the object at ``id``'s index, -1 if free; one being removed
+    right now (EIDRM: the program removes what it made at once) is gone."""
+    try:
+        return _sys.ipc_stat_index(code, ipc.index_of(id))
+    except OSError as err:
+        if err.errno != errno.EIDRM:
+            raise
+        return -1
 
 
 def _key_exists(kind, key):

@@ -9,9 +9,12 @@
  *   allocate request L   write line L on $IDPIN_REQUEST_FD, print the write's
  *                        result, then fork once
  *   allocate signals N   fork N times while a SA_RESTART timer fires every 2 ms
+ *   allocate reuse PATH  close $IDPIN_REQUEST_FD, open PATH at that number and
+ *                        write "pid=9" to it: a plain write, not a request
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <pty.h>
 #include <signal.h>
@@ -116,6 +119,13 @@ int main(int argc, char **argv)
         const char *fd = getenv("IDPIN_REQUEST_FD");
         ssize_t written = fd ? write(atoi(fd), argv[2], strlen(argv[2])) : -1;
         report("write", written);
+        fork_once();
+    } else if (argc >= 3 && strcmp(argv[1], "reuse") == 0) {
+        int fd = atoi(getenv("IDPIN_REQUEST_FD"));
+        close(fd);
+        int file = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        report("reused", file == fd ? file : -1);
+        report("write", write(file, "pid=9", 5));
         fork_once();
     } else if (argc >= 3 && strcmp(argv[1], "signals") == 0) {
         forks_under_signals(atoi(argv[2]));
