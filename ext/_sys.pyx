@@ -13,14 +13,14 @@ import os
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE, ENOMSG, EFBIG
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
 from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
-from posix.unistd cimport close, pread, pwrite, _exit
+from posix.unistd cimport close, pread, pwrite, _exit, getpid, fork as c_fork
 from posix.wait cimport waitpid
 
 from _sys cimport *
@@ -161,6 +161,45 @@ cdef object _clone3_fork(set_tid, tid_offset, uint64_t extra_flags):
     if pid < 0:
         raise OSError(code, "clone3(set_tid=%s): %s" % (list(items), os.strerror(code)))
     return pid
+
+
+def knob_fork(knob_fd, pid):
+    """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
+
+    CPython's fork protocol, as os.fork follows it, except that a child born
+    with another pid exits (status 125) before PyOS_AfterFork_Child, so it
+    runs nothing of the caller's, not even os.register_at_fork hooks. The
+    knob is written after PyOS_BeforeFork, the last moment before the fork,
+    to leave a process forking outside idpin's lock the shortest window.
+    Returns 0 in the child and the child's pid in the parent.
+    """
+    data = b"%d" % (pid - 1)
+    cdef int cfd = knob_fd
+    cdef int want = pid
+    cdef const char *cdata = data
+    cdef size_t size = len(data)
+    cdef ssize_t written
+    cdef int child, code
+    # The GIL is held throughout, as os.fork holds it across fork().
+    PyOS_BeforeFork()
+    written = _pwrite_at_zero(cfd, cdata, size)
+    if written < 0 or <size_t>written != size:
+        code = errno if written < 0 else EIO
+        PyOS_AfterFork_Parent()
+        if written < 0:
+            raise _stdlib_error(code)
+        raise OSError(EIO, "short write of %d to a knob" % (pid - 1))
+    child = c_fork()
+    if child == 0:
+        if getpid() != want:
+            _exit(125)
+        PyOS_AfterFork_Child()
+        return 0
+    code = errno
+    PyOS_AfterFork_Parent()
+    if child < 0:
+        raise OSError(code, "fork: %s" % os.strerror(code))
+    return child
 
 
 def clone3_probe(set_tid):
@@ -403,6 +442,9 @@ def ipc_count(kind):
 
 
 # ------------------------------------------------- IPC contents (capture)
+
+from libc.errno cimport EFBIG, ENOMSG
+
 
 def sem_getall(id):
     """The values of every semaphore of set ``id``: IPC_STAT for nsems, then GETALL."""
@@ -817,3 +859,174 @@ def ptmx_walk(path, wanted):
     finally:
         free(w.kept)
         free(targets)
+
+
+# ---------------------------------------------------------------- control flow
+
+def resumable_exit(self, exc_type, exc, tb):
+    """``__exit__`` of idpin's context managers: ``self._exit(...)``, finished if interrupted.
+
+    A C-level function, so no Python signal handler can run between the
+    with statement and the call of ``self._exit`` (a Python ``__exit__`` can
+    be interrupted at its very first instruction, before it releases
+    anything). ``_exit`` is resumable: if an exception (a handler's) lands
+    inside it, a second call finishes what the first began; the first
+    exception then propagates.
+    """
+    try:
+        return self._exit(exc_type, exc, tb)
+    except BaseException as first:
+        try:
+            self._exit(exc_type, exc, tb)
+        except BaseException as second:
+            if second is not first:
+                raise second from first
+        raise
+
+
+# ---------------------------------------------------------------- records in the IPC namespace
+
+cdef extern from "<mqueue.h>" nogil:
+    ctypedef int mqd_t
+    struct mq_attr:
+        long mq_flags
+        long mq_maxmsg
+        long mq_msgsize
+        long mq_curmsgs
+    mqd_t mq_open(const char *name, int oflag, ...)
+    int mq_send(mqd_t mqdes, const char *msg_ptr, size_t msg_len, unsigned int msg_prio)
+    ssize_t mq_receive(mqd_t mqdes, char *msg_ptr, size_t msg_len, unsigned int *msg_prio)
+    int mq_close(mqd_t mqdes)
+    int mq_unlink(const char *name)
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        O_RDONLY
+        O_WRONLY
+        O_CREAT
+        O_EXCL
+        O_NONBLOCK
+
+
+def record_write(name, data):
+    """Create the POSIX message queue ``name`` holding ``data`` as its one message.
+
+    POSIX message queues belong to the IPC namespace and count against
+    limits of their own, so a record can be written even when the SysV
+    limits leave no room. FileExistsError if the record exists.
+    """
+    bname = os.fsencode(name)
+    cdef bytes payload = bytes(data)
+    cdef const char *cname = bname
+    cdef const char *cdata = payload
+    cdef size_t size = len(payload)
+    cdef mq_attr attr
+    cdef mqd_t queue
+    cdef int rc, code
+    memset(&attr, 0, sizeof(attr))
+    attr.mq_maxmsg = 1
+    attr.mq_msgsize = size if size > 0 else 1
+    with nogil:
+        queue = mq_open(cname, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, <unsigned int>0o600, &attr)
+        code = errno
+    if queue < 0:
+        raise _stdlib_error(code, name)
+    with nogil:
+        rc = mq_send(queue, cdata, size, 0)
+        code = errno
+        mq_close(queue)
+    if rc < 0:
+        record_remove(name)
+        raise _oserror("mq_send", code)
+
+
+def record_read(name):
+    """The message of the record ``name`` (left in place), or None if there is none."""
+    bname = os.fsencode(name)
+    cdef const char *cname = bname
+    cdef mq_attr attr
+    cdef mqd_t queue
+    cdef ssize_t got
+    cdef int code
+    cdef char *buf
+    with nogil:
+        queue = mq_open(cname, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        code = errno
+    if queue < 0:
+        if code == 2:  # ENOENT
+            return None
+        raise _stdlib_error(code, name)
+    try:
+        # A fresh descriptor on a one-message queue: read without consuming
+        # is not offered, so the message is received and the queue is the
+        # record's only copy until it is removed.
+        buf = <char *>malloc(65536)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                got = mq_receive(queue, buf, 65536, NULL)
+                code = errno
+            if got < 0:
+                if code == 11:  # EAGAIN: written but its message not yet, or already read
+                    return b""
+                raise _oserror("mq_receive", code)
+            return buf[:got]
+        finally:
+            free(buf)
+    finally:
+        mq_close(queue)
+
+
+def record_remove(name):
+    """Remove the record ``name``; nothing if there is none."""
+    bname = os.fsencode(name)
+    cdef const char *cname = bname
+    cdef int rc, code
+    with nogil:
+        rc = mq_unlink(cname)
+        code = errno
+    if rc < 0 and code != 2:  # ENOENT
+        raise _stdlib_error(code, name)
+
+
+# ---------------------------------------------------------------- signal dispositions
+
+from posix.signal cimport sigaction_t, sigaction as c_sigaction, sigemptyset
+from libc.string cimport memcpy
+
+
+def sigaction(int signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    ``action``: None (only read), an int handler (SIG_DFL 0 or SIG_IGN 1, set
+    with an empty mask and no flags, as glibc's system() sets SIG_IGN) or the
+    ``saved`` bytes of an earlier call (put back exactly). ``handler`` is the
+    previous handler's value (0, 1 or an address). Unlike signal.signal it
+    works in any thread and leaves Python's own handler table alone.
+    """
+    cdef sigaction_t new_action, old_action
+    cdef const sigaction_t *new_ptr = NULL
+    cdef bytes saved_new
+    cdef int rc
+    memset(&new_action, 0, sizeof(sigaction_t))
+    memset(&old_action, 0, sizeof(sigaction_t))
+    if isinstance(action, bytes):
+        saved_new = action
+        if len(saved_new) != sizeof(sigaction_t):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (sizeof(sigaction_t), len(saved_new)))
+        memcpy(&new_action, <const char *>saved_new, sizeof(sigaction_t))
+        new_ptr = &new_action
+    elif action is not None:
+        # The handler union is glibc's first member (declared here as a
+        # function, so it is reached through a cast).
+        (<void **>&new_action)[0] = <void *><uintptr_t>int(action)
+        sigemptyset(&new_action.sa_mask)
+        new_ptr = &new_action
+    with nogil:
+        rc = c_sigaction(signum, new_ptr, &old_action)
+    if rc != 0:
+        raise _oserror("sigaction", errno)
+    return (<uintptr_t>(<void **>&old_action)[0],
+            (<char *>&old_action)[:sizeof(sigaction_t)])

@@ -1,42 +1,108 @@
-"""The ``idpin`` command line: doctor, demo, bench, capture, restore."""
+"""The ``idpin`` command line.
+
+Each subcommand is one function registered with ``@command(name, help,
+arguments)``: ``arguments(parser)`` adds its options (and may add
+subcommands of its own), the function runs it as ``fn(args, out)`` and
+returns the exit status. Adding a subcommand is adding one such function;
+its ``--help`` works at once, and tests/test_cli.py walks every registered
+parser's ``--help``. A command with subcommands of its own, called without
+one (``idpin``, ``idpin bench``), prints its help, which lists them.
+"""
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
-from . import __version__, _sys
-from .probe import probe
-from .demo import table
+from . import __version__
 
-
-def doctor(args, out):
-    caps = probe()
-    rows = [(kind, "yes" if cap.ok else "NO", cap.mechanism, cap.reason or "-") for kind, cap in caps.items()]
-    out.write(table(("kind", "ok", "mechanism", "reason / fix"), rows) + "\n\n")
-    out.write("backend: %s" % _sys.BACKEND)
-    if _sys.load_error is not None:
-        out.write(" (the Cython extension did not load: %s)" % _sys.load_error)
-    out.write("\n")
-    return 0
+Run = Callable[[argparse.Namespace, TextIO], int]
+Arguments = Callable[[argparse.ArgumentParser], None]
 
 
-def demo(args, out):
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Run
+    arguments: Arguments | None = None
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Arguments | None = None,
+            description: str | None = None) -> Callable[[Run], Run]:
+    """Register the decorated ``fn(args, out) -> status`` as ``idpin <name>``."""
+
+    def register(run: Run) -> Run:
+        COMMANDS[name] = Command(name, help, run, arguments, description)
+        return run
+
+    return register
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+DOCTOR_DESCRIPTION = """\
+What this system lets idpin do, kind by kind, and how to fix what it
+cannot. Exit status: 0; with --check, 1 when a checked kind is not
+available; 2 for wrong usage."""
+
+
+def doctor_arguments(p: argparse.ArgumentParser) -> None:
+    from .probe import KINDS
+
+    p.add_argument("--check", nargs="*", metavar="KIND", choices=KINDS,
+                   help="exit 1 unless every KIND (default: all of %s) is available" % ", ".join(KINDS))
+
+
+@command("doctor", "what this system lets idpin do, and how to fix what it cannot",
+         doctor_arguments, DOCTOR_DESCRIPTION)
+def doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from . import doctor as report
+
+    return report.main(out, check=args.check)
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+@command("demo", "a short showcase in fresh namespaces (no privilege needed)")
+def demo(args: argparse.Namespace, out: TextIO) -> int:
     from . import demo as showcase
 
     return showcase.main(out)
 
 
-def bench(args, out):
-    from . import bench as suite
+# -- bench ---------------------------------------------------------------------------------
 
-    return suite.main(args.rest, out)
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    from . import bench as suites
 
-
-def restore(args, out):
-    from .restore import command
-
-    return command.main(args, out)
+    suites.add_arguments(p)
 
 
-def capture(args, out):
+@command("bench", "the race-condition suite and the performance benchmarks", bench_arguments,
+         "The race-condition suite and the performance benchmarks, in fresh namespaces.")
+def bench(args: argparse.Namespace, out: TextIO) -> int:
+    from . import bench as suites
+
+    return suites.run(args, out)
+
+
+# -- capture -------------------------------------------------------------------------------
+
+def capture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pid", type=int, help="the root of the tree")
+    p.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
+    p.add_argument("--freeze", action="store_true",
+                   help="stop the tree (SIGSTOP) while it is read, then resume it")
+
+
+@command("capture", "write the plan of a live process tree and of this IPC namespace (JSON)",
+         capture_arguments)
+def capture(args: argparse.Namespace, out: TextIO) -> int:
     from .errors import IdpinError
     from .restore import plan
     from .restore.capture import capture as capture_tree
@@ -50,35 +116,83 @@ def capture(args, out):
     return 0
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
-    p.add_argument("--version", action="version", version="idpin %s" % __version__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="what this system lets idpin do, and how to fix what it cannot")
-    sub.add_parser("demo", help="a short showcase in fresh namespaces")
-    bench_parser = sub.add_parser(
-        "bench", help="the race-condition suite and the performance benchmarks ('idpin bench --help')",
-        add_help=False,
-    )
-    bench_parser.add_argument("rest", nargs=argparse.REMAINDER)
-    capture_parser = sub.add_parser(
-        "capture", help="write the plan of a live process tree and of this IPC namespace (JSON)")
-    capture_parser.add_argument("pid", type=int, help="the root of the tree")
-    capture_parser.add_argument("-o", "--output", metavar="PLAN", help="write here (default: standard output)")
-    capture_parser.add_argument("--freeze", action="store_true",
-                                help="stop the tree (SIGSTOP) while it is read, then resume it")
+# -- restore -------------------------------------------------------------------------------
+
+def restore_arguments(p: argparse.ArgumentParser) -> None:
     from .restore import command as restore_command
 
-    restore_command.add_parser(sub)
+    restore_command.add_arguments(p)
+
+
+@command("restore", "recreate a plan's process tree with exactly its ids", restore_arguments,
+         "Recreate a plan's process tree, IPC objects and ptys with exactly its ids, verify "
+         "every id, then hold the tree.")
+def restore(args: argparse.Namespace, out: TextIO) -> int:
+    from .restore import command as restore_command
+
+    return restore_command.main(args, out)
+
+
+# -- the parser and the entry point --------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idpin", description="Exact pids, tids, SysV IPC ids and pty numbers.")
+    p.add_argument("-V", "--version", action="version", version="idpin %s" % __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        cmd_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        if cmd.arguments is not None:
+            cmd.arguments(cmd_parser)
+    _remember_parsers(p)
     return p
 
 
-COMMANDS = {"doctor": doctor, "demo": demo, "bench": bench, "capture": capture, "restore": restore}
+def _remember_parsers(p: argparse.ArgumentParser) -> None:
+    # The deepest parser reached sets args._parser (a subparser's defaults
+    # override its parent's): main prints its help when its subcommand is missing.
+    p.set_defaults(_parser=p)
+    action = _subparsers(p)
+    if action is None:
+        return
+    if p.epilog is None:
+        p.epilog = "'%s %s --help' shows the options of each." % (p.prog, action.metavar or "CMD")
+    for child in action.choices.values():
+        _remember_parsers(child)
 
 
-def main(argv=None, out=None):
+def _subparsers(p: argparse.ArgumentParser) -> "argparse._SubParsersAction[argparse.ArgumentParser] | None":
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``p``'s subcommand parsers by name (empty when it has none)."""
+    action = _subparsers(p)
+    return dict(action.choices) if action is not None else {}
+
+
+def _subcommand_missing(args: argparse.Namespace) -> bool:
+    action = _subparsers(args._parser)
+    return action is not None and getattr(args, action.dest, None) is None
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run ``idpin <argv>`` (default: sys.argv[1:]); the exit status.
+
+    The command's function gets the parsed arguments, with ``args.argv`` the
+    command line after ``idpin``, and writes its report to ``out``.
+    """
+    out = out or sys.stdout
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    return COMMANDS[args.command](args, out or sys.stdout)
+    args.argv = argv
+    if _subcommand_missing(args):
+        # Listing the choices helps more than argparse's "required" error.
+        out.write(args._parser.format_help())
+        return 2
+    return COMMANDS[args.command].run(args, out)
 
 
 if __name__ == "__main__":

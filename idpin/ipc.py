@@ -24,13 +24,20 @@ A creation by another process that bypasses idpin can still consume an armed
 knob: idpin detects it (the id differs) and raises IdBusyError; the kernel
 offers no way to prevent it.
 """
+__all__ = [
+    "IPC_CREAT", "IPC_EXCL", "IPC_PRIVATE", "KINDS", "Spec", "create_many", "msgget", "remove",
+    "semget", "shmget",
+]
+
 import collections
-import contextlib
 import errno
+import json
 import operator
 import os
+from collections.abc import Iterable
+from typing import Any
 
-from . import _sys, knobs
+from . import _sys, knobs, pids, tids
 from .errors import IdBusyError, RequestError, UnsupportedError
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
@@ -76,75 +83,187 @@ def _validator(kind):
 
 
 def ipc_lock():
-    return knobs.namespace_lock("ipc", on_acquire=_consume_stale_knobs)
+    """The IPC namespace's Namespace; its lock takes the pid namespace's first."""
+    return knobs.namespace_lock("ipc", on_acquire=_clean_up_after_dead_holders)
 
 
-def _consume_stale_knobs(lock):
+def _clean_up_after_dead_holders(lock):
+    """Taking the lock: undo what a holder killed mid-block may have left.
+
+    Every holder leaves the knobs idle and its throwaway objects removed
+    before unlocking, so an armed knob or an object with idpin's key found
+    now was left by a holder that died (or by a tool that does not take the
+    lock): both are undone before anything else.
+    """
+    ns = ipc_lock()
+    put_back_recorded_limits()
     for kind in KINDS:
-        if _sys.knob_read(lock.knob(KNOB[kind])) != _IDLE:
-            consume_knob(kind, lock)
+        _reclaim_throwaway(kind)
+        if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
+            consume_knob(kind, ns)
 
 
-def consume_knob(kind, lock):
+# idpin's own throwaway objects carry this key and mode, so that one left by
+# a holder killed between creating and removing it can be told from anyone
+# else's object and removed.
+THROWAWAY_KEY = 0x49445049  # "IDPI"
+THROWAWAY_MODE = 0o000
+
+
+def _reclaim_throwaway(kind):
+    """Remove a throwaway object a killed holder left; whether the key is free now."""
+    try:
+        id = _sys.ipc_get(CODE[kind], THROWAWAY_KEY, 0, 0)
+    except FileNotFoundError:
+        return True
+    if _mode_of(kind, id) != THROWAWAY_MODE:
+        return False  # someone else's object with that key: not idpin's to remove
+    try:
+        _sys.ipc_remove(CODE[kind], id)
+    except OSError:
+        pass
+    return True
+
+
+def _mode_of(kind, id):
+    with open("/proc/sysvipc/" + kind) as f:
+        for line in f.readlines()[1:]:
+            row = line.split()
+            if int(row[1]) == id:
+                return int(row[2], 8) & 0o777
+    return None
+
+
+def consume_knob(kind, ns):
     """Use up an armed knob with a throwaway object, removed at once.
 
-    A full namespace refuses the throwaway before it reads the knob, which
-    would stay armed for a later, unrelated creation: then the limits are
-    raised by one for the throwaway and put back.
+    A creation refused before it reads the knob (a full namespace, a limit
+    lowered below the objects in use) would leave the knob armed for a later,
+    unrelated creation: then the limits are raised just enough for the
+    throwaway and put back, with a record that lets the next holder put them
+    back if this one is killed meanwhile.
     """
     try:
         _throwaway(kind)
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        if err.errno not in (errno.ENOSPC, errno.EINVAL, errno.ENOMEM):
             raise
-        with _one_more_object(kind):
-            _throwaway(kind)
+        _throwaway_with_room(kind)
+    if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
+        raise UnsupportedError(
+            "%s stays armed after idpin's throwaway %s creation: a process outside idpin's "
+            "lock re-armed it" % (KNOB[kind], kind), kind=kind,
+        )
+
+
+def _throwaway_key(kind):
+    """The key for a throwaway: idpin's own, unless another program holds it."""
+    return THROWAWAY_KEY if _reclaim_throwaway(kind) else IPC_PRIVATE
 
 
 def _throwaway(kind):
     code = CODE[kind]
-    _sys.ipc_remove(code, _sys.ipc_get(code, IPC_PRIVATE, 1, IPC_CREAT | 0o600))
+    flags = IPC_CREAT | IPC_EXCL | THROWAWAY_MODE
+    key = THROWAWAY_KEY
+    try:
+        try:
+            id = _sys.ipc_get(code, key, 1, flags)
+        except FileExistsError:
+            # Left by a holder killed between create and remove (or another
+            # program's): an existing key fails before the knob is read.
+            key = _throwaway_key(kind)
+            id = _sys.ipc_get(code, key, 1, flags)
+        _sys.ipc_remove(code, id)
+    except BaseException:
+        if key == THROWAWAY_KEY:
+            _reclaim_throwaway(kind)  # found by its key, even if the id was lost
+        raise
 
 
-# The limits a throwaway object counts against, per kind: (file, field).
+# The limits a throwaway object counts against, per kind:
+# (sysctl file, field, how much of it one more object needs from the usage).
 _LIMITS = {
-    "msg": [("msgmni", 0)],
-    "shm": [("shmmni", 0), ("shmall", 0)],
-    "sem": [("sem", 1), ("sem", 3)],  # semmns, semmni
+    "msg": [("msgmni", 0, "objects")],
+    "shm": [("shmmni", 0, "objects"), ("shmall", 0, "pages")],
+    "sem": [("sem", 0, "one"), ("sem", 1, "sems"), ("sem", 3, "objects")],  # semmsl, semmns, semmni
 }
 
 
-@contextlib.contextmanager
-def _one_more_object(kind):
-    changed = []
+def _usage(kind):
+    """{"objects": n, "sems": total semaphores, "pages": total shm pages} in use."""
+    rows = []
+    with open("/proc/sysvipc/" + kind) as f:
+        for line in f.readlines()[1:]:
+            rows.append(line.split())
+    usage = {"objects": len(rows), "one": 0}
+    if kind == "sem":
+        usage["sems"] = sum(int(row[3]) for row in rows)
+    if kind == "shm":
+        page = os.sysconf("SC_PAGE_SIZE")
+        usage["pages"] = sum((int(row[3]) + page - 1) // page for row in rows)
+    return usage
+
+
+# A POSIX message queue (it belongs to the IPC namespace and has limits of
+# its own) holding the SysV limits idpin is about to raise, written before
+# they are raised and removed once they are back: a holder killed between
+# the two leaves it for the next one, which puts the limits back.
+LIMITS_RECORD = "/idpin.ipc-limits"
+
+
+def _throwaway_with_room(kind):
+    """The throwaway, with the limits raised just enough for it and put back."""
+    usage = _usage(kind)
+    texts = {}
+    for name, _, _ in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        if path not in texts:
+            with open(path) as f:
+                texts[path] = f.read().strip()
+    raised = dict(texts)
+    for name, field, need in _LIMITS[kind]:
+        path = "/proc/sys/kernel/" + name
+        values = raised[path].split()
+        values[field] = str(max(int(values[field]), usage[need] + 1))
+        raised[path] = " ".join(values)
+    changed = {path: texts[path] for path in texts if raised[path].split() != texts[path].split()}
+    put_back_recorded_limits()
+    _sys.record_write(LIMITS_RECORD, json.dumps(changed).encode())
     try:
-        for name, field in _LIMITS[kind]:
-            changed.append((name, _bump_limit(name, field)))
-        yield
+        try:
+            for path in changed:
+                _write_text(path, raised[path])
+            _throwaway(kind)
+        finally:
+            for path, text in changed.items():
+                _write_text(path, text)
     except PermissionError:
         raise UnsupportedError(
-            "%s stays armed: the IPC namespace is full and raising its limits was refused; "
-            "remove a %s object, then take the lock again (any idpin request) to consume it"
-            % (KNOB[kind], kind), kind=kind,
+            "%s stays armed: the IPC namespace has no room for another %s (kernel.%s are at "
+            "or below what is in use) and raising them was refused; raise them or remove a "
+            "%s object, then take idpin's lock again (any idpin request) to consume it"
+            % (KNOB[kind], kind, ", kernel.".join(sorted({n for n, _, _ in _LIMITS[kind]})),
+               kind),
+            kind=kind,
         ) from None
     finally:
-        for name, text in reversed(changed):
-            _write_text("/proc/sys/kernel/" + name, text)
-
-
-def _bump_limit(name, field):
-    path = "/proc/sys/kernel/" + name
-    with open(path) as f:
-        text = f.read()
-    values = text.split()
-    values[field] = str(int(values[field]) + 1)
-    _write_text(path, " ".join(values))
-    return text
+        _sys.record_remove(LIMITS_RECORD)
 
 
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)
+
+
+def put_back_recorded_limits():
+    """Limits a holder killed while they were raised left in the record: put them back."""
+    data = _sys.record_read(LIMITS_RECORD)
+    if data is None:
+        return
+    if data:
+        for path, text in json.loads(data).items():
+            _write_text(path, text)
+    _sys.record_remove(LIMITS_RECORD)
 
 
 def _holder(kind, id):
@@ -163,42 +282,69 @@ def _wrong_id_error(kind, id, got):
     )
 
 
+def _full_error(kind, err):
+    return UnsupportedError(
+        "the IPC namespace refused another %s (%s): it is at its limits (kernel.%s); "
+        "raise them or remove objects" % (kind, err.strerror or err, ", kernel.".join(
+            sorted({n for n, _, _ in _LIMITS[kind]}))), kind=kind,
+    )
+
+
 # -- request blocks -------------------------------------------------------
+
+
+def census(kind):
+    """{id: creator pid for shm (as /proc shows it), else None} of every object of ``kind``."""
+    objects = {}
+    with open("/proc/sysvipc/" + kind, "rb") as f:
+        lines = f.read().split(b"\n")[1:]
+    for line in lines:
+        row = line.split()
+        if row:
+            objects[int(row[1])] = int(row[4]) if kind == "shm" else None
+    return objects
+
+
+class _IpcBlock:
+    """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
+
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts")
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.held = False
+        self.before = None
+        self.routed = None
+        self.settled = False
+        self.cleaned = False
+        # Whether this thread was the process's only one, and how many
+        # threads threading had started: an unrouted creation can be this
+        # thread's only if no other thread could have made it.
+        self.alone = pids.thread_count() == 1
+        self.starts = tids.thread_starts()
 
 
 def arm(req, kind):
     value = req.ids[kind]
-    lock = ipc_lock()
-    lock.acquire()
-    try:
-        holder = _holder(kind, value)
-        if holder != -1:
-            raise _busy_error(kind, value, holder)
-        with lock.alloc:  # no routed creation between the count and the arming
-            req.armed[kind] = (lock, _sys.ipc_count(CODE[kind]), lock.watch(kind))
-            _arm(lock, kind, value)
-    except BaseException:
-        entry = req.armed.pop(kind, None)
-        if entry is not None:
-            lock.unwatch(kind, entry[2])
-        lock.release()
-        raise
+    ns = ipc_lock()
+    # Recorded before anything is taken, so that an exception at any point
+    # (a signal handler's included) leaves disarm something exact to undo.
+    req.armed[kind] = block = _IpcBlock(ns)
+    ns.acquire()
+    block.held = True
+    holder = _holder(kind, value)
+    if holder != -1:
+        raise _busy_error(kind, value, holder)
+    with ns.alloc:  # no routed creation between the census and the arming
+        block.before = census(kind)
+        block.routed = ns.watch(kind)
+        _arm(ns, kind, value)
 
 
-def _arm(lock, kind, value):
-    with lock.alloc:
-        knobs.write_knob(lock.knob(KNOB[kind]), KNOB[kind], value)
-        lock.armed[KNOB[kind]] = value
-
-
-def shm_creator(id):
-    """The pid (as /proc shows it) that created shm segment ``id``, or None."""
-    with open("/proc/sysvipc/shm") as f:
-        for line in f.readlines()[1:]:
-            row = line.split()
-            if int(row[1]) == id:
-                return int(row[4])
-    return None
+def _arm(ns, kind, value):
+    with ns.alloc:
+        ns.armed[KNOB[kind]] = value
+        knobs.write_knob(ns.knob(KNOB[kind]), KNOB[kind], value)
 
 
 def _proc_pid():
@@ -209,98 +355,125 @@ def _proc_pid():
 
 
 def disarm(req, kind):
-    lock, before, routed = req.armed.pop(kind)
+    """Leave an IPC block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed[kind]
     try:
-        if kind not in req.consumed:
-            with lock.alloc:  # the count must match the routed creations noted
-                _settle_unrouted(req, kind, lock, before, routed)
+        if block.held:
+            _settle_and_clean(req, kind, block)
+            block.ns.release()
+            block.held = False
     finally:
-        try:
-            with lock.alloc:
-                lock.armed.pop(KNOB[kind], None)
-            lock.unwatch(kind, routed)
-            outer = enclosing_pending_request(req, kind)
-            if outer is not None:
-                _rearm_outer(lock, outer, kind)
-        finally:
-            lock.release()
+        if not block.held:
+            del req.armed[kind]
 
 
-def _rearm_outer(lock, outer, kind):
+def _settle_and_clean(req, kind, block):
+    ns = block.ns
+    try:
+        if not block.settled:
+            # Checked once: an error here is the block's verdict; an
+            # interrupted check leaves the knob to the cleaning below.
+            block.settled = True
+            if kind not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed creations noted
+                    _settle_unrouted(req, kind, ns, block)
+    finally:
+        if not block.cleaned:
+            with ns.alloc:
+                ns.armed.pop(KNOB[kind], None)
+                if block.routed is not None:
+                    ns.unwatch(kind, block.routed)
+                outer = enclosing_pending_request(req, kind)
+                if outer is not None:
+                    _rearm_outer(ns, outer, kind)
+                _leave_knob_as_blocks_expect(kind, ns)
+            block.cleaned = True
+
+
+def _leave_knob_as_blocks_expect(kind, ns):
+    """However the exit went: the knob holds what an enclosing block armed, or is idle."""
+    if _sys.knob_read(ns.knob(KNOB[kind])) not in (_IDLE, ns.armed.get(KNOB[kind], _IDLE)):
+        consume_knob(kind, ns)
+        if KNOB[kind] in ns.armed:
+            _arm(ns, kind, ns.armed[KNOB[kind]])
+
+
+def _rearm_outer(ns, outer, kind):
     # What the inner block's creators made is not the outer block's to judge.
-    _, _, routed = outer.armed[kind]
-    outer.armed[kind] = (lock, _sys.ipc_count(CODE[kind]) - len(routed.made) + routed.removed, routed)
-    _arm(lock, kind, outer.ids[kind])
+    outer_block = outer.armed[kind]
+    outer_block.before = census(kind)
+    _arm(ns, kind, outer.ids[kind])
 
 
-def _settle_unrouted(req, kind, lock, count_before, routed):
-    """Check a creation idpin did not route, from what changed during the block.
+def _settle_unrouted(req, kind, ns, block):
+    """Check a creation idpin did not route, from the objects that appeared during the block.
 
     Any creation of this kind in the namespace consumes the knob. The block
-    knows how many objects of the kind existed when it was entered and which
-    ones routed calls (of any thread here) made or removed since, so it
-    credits the id only if exactly one other object appeared and it has the
-    id (shm: created by this process). Otherwise it cannot tell whose
-    creation got the id, and says so rather than guess. (A removal outside
-    idpin during the block can hide a creation from this count.)
+    knows every object that existed when it was entered and which ones
+    routed calls (of any thread here) made since, so it credits the id only
+    if the one object that appeared besides those has the id (shm: and was
+    created by this process). Objects are told apart by id, which includes a
+    sequence number, so a removal cannot hide a creation. Otherwise it
+    cannot tell whose creation got the id, and says so rather than guess.
     """
     value = req.ids[kind]
-    now = _sys.knob_read(lock.knob(KNOB[kind]))
+    now = _sys.knob_read(ns.knob(KNOB[kind]))
     if now == value:
-        consume_knob(kind, lock)
+        consume_knob(kind, ns)  # nothing was created: nothing to check
         return
     if now != _IDLE:
-        consume_knob(kind, lock)
+        consume_knob(kind, ns)
         raise IdBusyError(kind, value, "%s was overwritten with %d by a process outside idpin's "
                           "lock" % (KNOB[kind], now))
-    appeared = _sys.ipc_count(CODE[kind]) - count_before - len(routed.made) + routed.removed
-    exists = _holder(kind, value) == value
-    creator = shm_creator(value) if exists and kind == "shm" else None
-    if exists and creator is not None:
-        if creator == _proc_pid():
-            consume(req, kind, value)
-            return
-        raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
-                          % (value, creator))
-    if exists and appeared == 1:
+    objects = census(kind)
+    appeared = set(objects) - set(block.before) - block.routed.made
+    if appeared == {value}:
+        creator = objects[value]
+        if kind == "shm" and creator != _proc_pid():
+            raise IdBusyError(kind, value, "shm %d was created by pid %d, not by this process"
+                              % (value, creator))
+        if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts):
+            raise IdBusyError(
+                kind, value,
+                "%s %d appeared during the block, but this process had other threads, and "
+                "any of them could have made it: idpin cannot prove it was this thread's; "
+                "create with idpin.ipc.%sget for an exact answer" % (kind, value, kind),
+            )
         consume(req, kind, value)
         return
-    if not exists:
-        detail = ("a creation consumed %s, but no object has the id: a process outside "
-                  "idpin's lock took the knob, or the index was taken meanwhile" % KNOB[kind])
+    if value not in appeared:
+        detail = ("a creation consumed %s, but no object created during the block has the id: "
+                  "a process outside idpin's lock took the knob, or the index was taken "
+                  "meanwhile" % KNOB[kind])
     else:
-        detail = ("%d %s objects appeared during the block besides idpin's routed ones, and "
-                  "any creation consumes the knob: idpin cannot tell which one got the id; "
-                  "create with idpin.ipc.%sget for an exact answer" % (appeared, kind, kind))
+        detail = ("%d %s objects appeared during the block besides idpin's routed ones "
+                  "(%s), and any creation consumes the knob: idpin cannot tell which one got "
+                  "the id; create with idpin.ipc.%sget for an exact answer"
+                  % (len(appeared), kind, ", ".join(str(i) for i in sorted(appeared)), kind))
     raise IdBusyError(kind, value, detail)
 
 
 # -- routed creations -------------------------------------------------------
 
 
-def semget(key, nsems, flags):
+def semget(key: int, nsems: int, flags: int) -> int:
     """semget(2); inside ``request(sem=N)`` the new set gets id N or IdBusyError."""
     return _get("sem", key, nsems, flags)
 
 
-def shmget(key, size, flags):
+def shmget(key: int, size: int, flags: int) -> int:
     """shmget(2); inside ``request(shm=N)`` the new segment gets id N or IdBusyError."""
     return _get("shm", key, size, flags)
 
 
-def msgget(key, flags):
+def msgget(key: int, flags: int) -> int:
     """msgget(2); inside ``request(msg=N)`` the new queue gets id N or IdBusyError."""
     return _get("msg", key, 0, flags)
 
 
-def remove(kind, id):
+def remove(kind: str, id: int) -> None:
     """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
-    code = _code(kind)
-    with knobs.allocating("ipc"):  # a block's object count must see both or neither
-        _sys.ipc_remove(code, id)
-        lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
-        if lock is not None:
-            lock.note_removed(kind)
+    _sys.ipc_remove(_code(kind), id)
 
 
 def _code(kind):
@@ -342,7 +515,7 @@ def _get(kind, key, arg, flags):
     req, value = found
     got = create_pinned(kind, value, key, arg, flags)
     if got is not None:
-        consume(req, kind, value)
+        req.consumed[kind] = value  # inline: no call between creating and recording
         return got
     # The key existed and the caller did not ask for IPC_EXCL: a lookup, not
     # an allocation; the request stays pending.
@@ -356,76 +529,110 @@ def _may_allocate(key, flags):
 def _plain_get(kind, key, arg, flags):
     """A creation that asked for nothing must not consume a knob a block armed.
 
-    Another thread's block: wait while a knob of this kind is armed. A
-    process forked inside a block of its parent: take the namespace lock like
-    any other process (so it waits for that block to end).
+    Another thread's block, or a block of the parent this process was forked
+    from: take the namespace lock like any other idpin user, so the creation
+    waits (bounded) until that block has ended. A block of this thread: it
+    is this thread's own creation, made with its knob armed, like any
+    creator idpin does not see.
     """
     if not _may_allocate(key, flags):
         return _sys.ipc_get(CODE[kind], key, arg, flags)
-    while True:
-        with knobs.allocating("ipc"):
-            lock = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
-            if lock is None:
-                if KNOB[kind] in knobs.inherited_armed("ipc"):
-                    break
+    with knobs.allocating("ipc"):
+        ns = knobs.existing_namespace_lock("ipc") if knobs.any_armed() else None
+        if ns is None:
+            if KNOB[kind] not in knobs.inherited_armed("ipc"):
                 return _sys.ipc_get(CODE[kind], key, arg, flags)
-            if lock.held_by_this_thread() or KNOB[kind] not in lock.armed:
-                return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
-        with lock.excluding_other_threads():
-            pass
-    lock = ipc_lock()
-    with lock.held():
-        return _noted(lock, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
+        elif ns.held_by_this_thread() or KNOB[kind] not in ns.armed:
+            return _noted(ns, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
+    ns = ipc_lock()
+    with ns.held(), ns.alloc:
+        return _noted(ns, kind, _sys.ipc_get(CODE[kind], key, arg, flags))
 
 
-def _noted(lock, kind, id):
-    lock.note(kind, id)
+def _noted(ns, kind, id):
+    ns.note(kind, id)
     return id
 
 
-def create_pinned(kind, value, key, arg, flags):
+def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
     """Create with id ``value``, or raise IdBusyError leaving no object.
 
     IPC_EXCL is always added: a creation that finds an existing key must fail
     rather than return that object's id (which would then look wrong and be
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
     """
-    lock = ipc_lock()
-    with lock.held(), lock.alloc:
-        try:
-            got = _sys.ipc_create_pinned(
-                lock.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
-            )
-        except FileExistsError:
-            restore_knob(kind, lock)
-            if flags & IPC_EXCL:
-                raise
-            return None
-        except BaseException:
-            restore_knob(kind, lock)
+    ns = ipc_lock()
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
+            holder = _holder(kind, value)
+            if holder != -1:
+                raise _busy_error(kind, value, holder)
+            checked = True  # from here, an object at ``value`` is this call's
+            got = _create_pinned_checked(ns, kind, value, key, arg, flags)
+        return got
+    except BaseException:
+        if checked:
+            # However far it got (a signal handler may have raised once the
+            # object existed, even after the lock was released): no object.
+            _undo_created(kind, value, None)
+        raise
+
+
+def _create_pinned_checked(ns, kind, value, key, arg, flags):
+    try:
+        got = _sys.ipc_create_pinned(
+            ns.knob(KNOB[kind]), CODE[kind], value, key, arg, flags | IPC_EXCL
+        )
+    except FileExistsError:
+        restore_knob(kind, ns)
+        if flags & IPC_EXCL:
             raise
-        if got != value:
-            restore_knob(kind, lock)
-            raise _wrong_id_error(kind, value, got)
-        lock.armed.pop(KNOB[kind], None)  # consumed
-        lock.note(kind, got)
+        return None
+    except OSError as err:
+        restore_knob(kind, ns)
+        if err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise _full_error(kind, err) from None
+        raise
+    except BaseException:
+        restore_knob(kind, ns)
+        raise
+    if got != value:
+        restore_knob(kind, ns)
+        raise _wrong_id_error(kind, value, got)
+    ns.armed.pop(KNOB[kind], None)  # consumed
+    ns.note(kind, got)
     return got
 
 
-def restore_knob(kind, lock):
+def _undo_created(kind, value, got):
+    """Remove the object a pinned creation made (``got``), or found at ``value`` if unknown.
+
+    Only called under the IPC lock and the allocation mutex, after ``value``
+    was checked free: an object at ``value`` is this creation's.
+    """
+    if got is None and _holder(kind, value) == value:
+        got = value
+    if got == value:
+        try:
+            _sys.ipc_remove(CODE[kind], value)
+        except OSError:
+            pass
+
+
+def restore_knob(kind, ns):
     """After a failed pinned creation: the knob as this thread's blocks expect it.
 
     A creation that fails before allocating leaves the knob armed; one that
     got a wrong id consumed it. A pending request keeps its id armed (it is
     still pending); with none, the knob must be idle.
     """
-    fd = lock.knob(KNOB[kind])
+    fd = ns.knob(KNOB[kind])
     found = pending(kind)
-    if found is not None:
-        knobs.write_knob(fd, KNOB[kind], found[1])
-        lock.armed[KNOB[kind]] = found[1]
+    if found is not None and KNOB[kind] in ns.armed:
+        _arm(ns, kind, found[1])
     elif _sys.knob_read(fd) != _IDLE:
-        consume_knob(kind, lock)
+        consume_knob(kind, ns)
 
 
 # -- batches ---------------------------------------------------------------
@@ -436,13 +643,22 @@ its key (IPC_PRIVATE by default), size (semaphores in the set for sem, bytes for
 shm, ignored for msg) and permission bits."""
 
 
-def _as_spec(item):
-    if isinstance(item, Spec):
-        spec = item
-    elif isinstance(item, dict):
-        spec = Spec(**item)
-    else:
-        spec = Spec(*item)
+def _as_spec(item, position):
+    try:
+        if isinstance(item, Spec):
+            spec = item
+        elif isinstance(item, dict):
+            spec = Spec(**item)
+        elif isinstance(item, (tuple, list)):
+            spec = Spec(*item)
+        else:
+            raise TypeError("not a Spec, tuple or dict")
+    except TypeError as err:
+        raise RequestError(
+            "create_many: spec %d (%r) is not a Spec: give Spec(kind, id, key=IPC_PRIVATE, "
+            "size=1, mode=0o600), a tuple of those fields or a dict of them (%s)"
+            % (position, item, err)
+        ) from None
     if spec.kind not in KINDS:
         raise RequestError(
             "spec kind must be one of %s, not %r" % (", ".join(KINDS), spec.kind), kind=spec.kind
@@ -470,45 +686,59 @@ def _check_distinct(specs):
         seen[slot] = spec.id
 
 
-def create_many(specs):
+def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> list[int]:
     """Create many pinned objects under one lock acquisition, all or nothing.
 
     ``specs`` is an iterable of Spec (or tuples/dicts with its fields).
     Returns the ids in order. On any failure every object it created is
     removed and no knob is left armed.
     """
-    specs = [_as_spec(item) for item in specs]
+    try:
+        items = list(specs)
+    except TypeError:
+        raise RequestError("create_many takes an iterable of Spec, not %r" % (specs,)) from None
+    specs = [_as_spec(item, position) for position, item in enumerate(items)]
     _check_distinct(specs)
     if not specs:
         return []
-    lock = ipc_lock()
-    created = []
-    with lock.held(), lock.alloc:
-        try:
+    ns = ipc_lock()
+    checked = False
+    try:
+        with ns.held(), ns.alloc:
             for spec in specs:
                 holder = _holder(spec.kind, spec.id)
                 if holder != -1:
                     raise _busy_error(spec.kind, spec.id, holder)
-            for spec in specs:
-                created.append(_create_one(lock, spec))
-        except BaseException:
-            for kind, id in reversed(created):
-                _sys.ipc_remove(CODE[kind], id)
-            for kind in KINDS:
-                restore_knob(kind, lock)
-            raise
-        for kind, id in created:
-            lock.note(kind, id)
-        for kind in {spec.kind for spec in specs}:
-            restore_knob(kind, lock)  # a block of this thread may have armed it
-    return [id for _, id in created]
+            checked = True  # from here, an object at a spec's id is this batch's
+            created = [_create_one(ns, spec) for spec in specs]
+            for kind, id in created:
+                ns.note(kind, id)
+            for kind in {spec.kind for spec in specs}:
+                restore_knob(kind, ns)  # a block of this thread may have armed it
+        return [id for _, id in created]
+    except BaseException:
+        if checked:
+            # Every spec's id was free when the lock was taken: an object at
+            # one of them now is this batch's, even one a signal handler's
+            # exception kept from being recorded.
+            for spec in reversed(specs):
+                _undo_created(spec.kind, spec.id, None)
+            with ns.held(), ns.alloc:
+                for kind in KINDS:
+                    restore_knob(kind, ns)
+        raise
 
 
-def _create_one(lock, spec):
+def _create_one(ns, spec):
     flags = IPC_CREAT | IPC_EXCL | spec.mode
-    got = _sys.ipc_create_pinned(
-        lock.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
-    )
+    try:
+        got = _sys.ipc_create_pinned(
+            ns.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
+        )
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise _full_error(spec.kind, err) from None
+        raise
     if got != spec.id:
         raise _wrong_id_error(spec.kind, spec.id, got)
     return spec.kind, got
@@ -517,3 +747,8 @@ def _create_one(lock, spec):
 KIND_OBJECTS = {kind: Kind(kind, _validator(kind), arm, disarm) for kind in KINDS}
 for _kind in KIND_OBJECTS.values():
     register_kind(_kind)
+
+
+def __dir__() -> list[str]:
+    # dir(idpin.ipc) lists its public names, not the modules it imports.
+    return sorted(__all__)

@@ -1,34 +1,90 @@
-"""Knob files and the namespace lock.
+"""Knob files and idpin's namespace locks.
 
 The kernel's "next id" knobs (ns_last_pid, {sem,shm,msg}_next_id) are per
 namespace, not per thread. idpin turns them into per-thread requests by
 holding a namespace-wide lock from the knob write until the allocating call
-has returned. The lock is flock(LOCK_EX) on the namespace file
-(/proc/self/ns/pid, /proc/self/ns/ipc) or, for ptys, on the devpts instance's
-root directory: the same nsfs inode through every proc mount, so it excludes
-across mounts, and the kernel drops it when its holder dies.
+has returned. Three small pieces, each safe on its own against an exception
+(a raising signal handler) between any two of its steps:
 
-Inside one process a reentrant mutex per namespace serialises the threads'
-blocks, and one open file description per namespace carries the flock. That
-description is never shared with a forked child: the child closes its copies
-(without unlocking, which would release the parent's lock) and starts
-afresh, remembering which knobs its parent had armed. A second, short mutex
-per kind of namespace (``allocating``) covers each knob write with the
-allocation that consumes it, and each allocation that asked for nothing.
+- ``NamespaceLock``: flock(LOCK_EX) on the namespace file (/proc/self/ns/pid,
+  /proc/self/ns/ipc) or, for ptys, on the devpts instance's root directory:
+  the same inode through every proc mount, so it excludes across mounts, and
+  the kernel drops it when its holder dies. Each thread locks through an open
+  file description of its own, so the flock excludes the threads of this
+  process exactly as it excludes other processes (no second, in-process
+  mutex that a thread could leave owned), and unlocking a description never
+  releases another thread's hold. Every wait is bounded (``lock_timeout``).
+- One lock order for every acquisition: pid, then ipc, then pts. The IPC
+  lock takes the pid lock first, so nested blocks (a tid block inside a sem
+  block or the reverse, a knob-path fork or ``create_many`` inside any block)
+  can never wait for each other in a cycle.
+- ``Namespace``: what threads of this process share about one namespace:
+  its knob fds, the values their blocks armed (so that other allocations
+  can steer clear), the routed creations blocks are watching for, and
+  ``alloc``, a short mutex around each knob write and the allocation that
+  consumes it (and around each routed allocation that asked for nothing).
+
+A forked child inherits copies of the parent's lock descriptions: it closes
+them (unlocking one would release the parent's lock) and starts afresh,
+remembering which knobs its parent had armed.
 """
 import contextlib
 import fcntl
 import os
 import threading
+import time
 
 from . import _sys
-from .errors import NEEDS_NAMESPACE_HINT, UnsupportedError
+from .errors import NEEDS_NAMESPACE_HINT, LockTimeoutError, UnsupportedError
+
+DEFAULT_LOCK_TIMEOUT = 5.0
+_ENV_TIMEOUT = "IDPIN_LOCK_TIMEOUT"
+
+
+def _timeout_from_environment():
+    text = os.environ.get(_ENV_TIMEOUT)
+    if not text:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UnsupportedError(
+            "%s=%r: it must be a number of seconds above 0" % (_ENV_TIMEOUT, text)
+        )
+    return value
+
+
+_lock_timeout = _timeout_from_environment()
+
+
+def lock_timeout():
+    """Seconds a wait for idpin's lock may last before LockTimeoutError."""
+    return _lock_timeout
+
+
+def set_lock_timeout(seconds):
+    """Set how long a wait for idpin's lock may last; returns the previous value.
+
+    The default is 5 s, or $IDPIN_LOCK_TIMEOUT. A wait that lasts this long
+    is almost always a block waiting for a process or thread that itself
+    waits for that block (a child forked inside it that makes a request).
+    """
+    global _lock_timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        from .errors import RequestError
+
+        raise RequestError("the lock timeout must be a number of seconds above 0, not %r" % (seconds,))
+    previous, _lock_timeout = _lock_timeout, float(seconds)
+    return previous
+
 
 _registry_lock = threading.Lock()
-_locks = {}
+_namespaces = {}
 _generation = 0
-# Locks some thread of this process holds (the namespace runner checks that
-# none is left held).
+# (lock, thread ident) of every hold in this process: the namespace runner
+# checks that none is left.
 _held = set()
 
 
@@ -36,19 +92,228 @@ def any_held():
     return bool(_held)
 
 
+# The fcntl module's flock is the C function itself: used for unlocking in
+# cleanup paths, where a Python-level wrapper could be interrupted by a
+# signal handler before it made the call.
+_unlock_call = fcntl.flock
+
+
+class NamespaceLock:
+    """flock on one file; reentrant per thread; every wait bounded.
+
+    Each thread locks through its own open file description (taken from a
+    pool of idle ones, or opened), so threads of this process exclude each
+    other through the kernel, like processes do. ``before`` is a lock that
+    is always taken first and released last: the lock order.
+    """
+
+    def __init__(self, path, label, before=None, on_acquire=None, keep_open=True):
+        st = os.stat(path)
+        self.path = path
+        self.label = label
+        self.inode = st.st_ino
+        self.before = before
+        self._on_acquire = on_acquire
+        # Namespace files keep their descriptions pooled (which also keeps
+        # the namespace, hence the inode the registry is keyed by, alive); a
+        # devpts directory is open only while held, never keeping it busy.
+        self._keep_open = keep_open
+        self._local = threading.local()
+        self._fds = set()
+        self._idle = []
+        if keep_open:
+            self._idle.append(self._open())
+
+    def _open(self):
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fds.add(fd)
+        return fd
+
+    def describe(self):
+        return "%s lock (%s, inode %d)" % (self.label, self.path, self.inode)
+
+    def held_by_this_thread(self):
+        return bool(getattr(self._local, "depth", 0))
+
+    def acquire(self, timeout=None):
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth:
+            local.depth = depth + 1
+            return
+        if self.before is not None:
+            self.before.acquire(timeout)
+        try:
+            self._take(local, timeout)
+        except BaseException:
+            if self.before is not None:
+                self.before.release()
+            raise
+        if self._on_acquire is not None:
+            try:
+                self._on_acquire(self)
+            except BaseException:
+                self.release()
+                raise
+
+    def _take(self, local, timeout):
+        # Subscript and del, not list.pop(): a signal handler can raise after
+        # a C call returns, which would lose the fd it returned.
+        if self._idle:
+            fd = self._idle[-1]
+            del self._idle[-1]
+        else:
+            fd = self._open()
+        hold = (self, threading.get_ident())
+        try:
+            wait_for_flock(fd, self, timeout)
+            _held.add(hold)
+            # Published only once held, in two stores no handler can split:
+            # a signal handler that takes this lock while this thread waits
+            # uses a description of its own and leaves these as it found them.
+            local.fd = fd
+            local.depth = 1
+        except BaseException:
+            if getattr(local, "fd", -1) != fd:
+                # The flock may have been granted just before the exception.
+                _held.discard(hold)
+                self._return_fd(fd)
+            raise
+
+    def _put_back(self, local):
+        # Resumable: the unlock comes first and the fd is forgotten only
+        # after it, so a call interrupted anywhere is finished by the next.
+        fd = local.fd
+        _unlock_call(fd, fcntl.LOCK_UN)
+        local.fd = -1
+        self._pool(fd)
+
+    def _return_fd(self, fd):
+        _unlock_call(fd, fcntl.LOCK_UN)
+        self._pool(fd)
+
+    def _pool(self, fd):
+        if self._keep_open:
+            self._idle.append(fd)
+        else:
+            self._fds -= {fd}  # forgotten before closed: the number may be reused at once
+            os.close(fd)
+
+    def release(self):
+        """Release one hold of this thread.
+
+        Resumable: if an exception (a signal handler's) interrupts it, calling
+        it again finishes what the first call began, and never releases a
+        second hold.
+        """
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth > 1:
+            local.depth = depth - 1
+            return
+        if depth == 1:
+            local.owes_before = self.before is not None
+            local.depth = 0
+        if getattr(local, "fd", -1) >= 0:
+            _held.discard((self, threading.get_ident()))
+            self._put_back(local)
+        if getattr(local, "owes_before", False):
+            self.before.release()
+            local.owes_before = False
+
+    def held(self):
+        """Context manager: acquire on entry, release on exit."""
+        return _Held(self)
+
+    def forget_in_child(self):
+        # The child holds copies of the parent's descriptions: closing them
+        # drops a reference; LOCK_UN would release the parent's lock.
+        fds, self._fds = self._fds, set()
+        self._idle = []
+        self._local = threading.local()
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Held:
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        self.lock.acquire()
+        return self.lock
+
+    # C-level when the extension is built: see _sys.resumable_exit.
+    __exit__ = _sys.resumable_exit
+
+    def _exit(self, *exc):
+        self.lock.release()  # resumable
+        return False
+
+
+def wait_for_flock(fd, lock, timeout=None):
+    """flock(LOCK_EX) on ``fd``, waiting at most ``timeout`` (default: lock_timeout()).
+
+    Polled with LOCK_NB and short sleeps, so the wait is bounded and a signal
+    handler that raises finds nothing half-done.
+    """
+    try:
+        _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    limit = _lock_timeout if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    delay = 20e-6
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise LockTimeoutError(lock.describe(), limit, lock_holders(lock.inode))
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 2e-3)
+        try:
+            _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+
+
+def lock_holders(inode):
+    """Pids /proc/locks names as holding a flock on ``inode`` (as this pid namespace sees them)."""
+    holders = []
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return holders
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:04:4026531836 0 EOF"; waiters add "->".
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        if fields[5].rsplit(":", 1)[-1] == str(inode) and fields[4].isdigit():
+            holders.append(int(fields[4]))
+    return holders
+
+
 # One short mutex per kind of namespace for the whole process, around every
 # knob write and the allocation that consumes it, and around every routed
 # allocation that asked for nothing (which must see the knob as armed or not,
 # with no window between looking and allocating). Reentrant: a signal handler
-# may allocate while its thread holds it.
+# may allocate while its thread holds it. Only ever taken with ``with`` (its
+# C-level enter/exit cannot be split by a signal handler) and never held
+# while waiting for a namespace lock.
 _alloc_mutexes = {}
 
 
 def allocating(label):
     mutex = _alloc_mutexes.get(label)
     if mutex is None:
-        # setdefault is atomic: two threads get the same mutex. (Not under
-        # _registry_lock: NamespaceLock() is built while holding it.)
         mutex = _alloc_mutexes.setdefault(label, threading.RLock())
     return mutex
 
@@ -56,88 +321,38 @@ def allocating(label):
 def any_armed():
     """Whether a block of this process has a knob armed, or the parent had when
     this process was forked: the only times an unpinned allocation must look."""
-    return bool(_inherited_armed) or any(lock.armed for lock in list(_locks.values()))
+    return bool(_inherited_armed) or any(ns.armed for ns in list(_namespaces.values()))
 
 
-class NamespaceLock:
-    """The idpin lock of one namespace; reentrant per thread.
+class Namespace:
+    """What the threads of this process share about one namespace.
 
-    A namespace lock keeps the namespace file open for its lifetime, which
-    also keeps the namespace alive, so its inode number (the registry key) is
-    never reused while this object exists, and knob fds cached here stay
-    meaningful. A directory lock (a devpts instance) opens its directory only
-    while held, so that it never keeps the instance mounted.
-
-    Besides the block-long ownership (``acquire``/``release``), threads of
-    this process share ``alloc``, a short mutex around each knob write and
-    the allocation that consumes it, and ``armed``: the knob values request
-    blocks of this process have armed, so that other allocations can steer
-    clear of them.
+    ``lock`` is idpin's lock of the namespace (``held()``, ``acquire()``,
+    ``release()`` act on it); ``alloc`` the short allocation mutex; ``armed``
+    the knob values request blocks of this process have armed, so that other
+    allocations can steer clear of them.
     """
 
-    def __init__(self, path, label, on_acquire=None, keep_open=True):
-        self.path = path
+    def __init__(self, lock, label):
+        self.lock = lock
         self.label = label
         self.alloc = allocating(label)
         self.armed = {}
         self._watchers = {}
         self._steering = threading.local()
-        self._on_acquire = on_acquire
-        self._keep_open = keep_open
-        self._mutex = threading.RLock()
-        self._depth = 0
-        self._owner = None
         self._knobs = {}
-        self._fd = self._open() if keep_open else -1
 
-    def _open(self):
-        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def acquire(self):
-        self._mutex.acquire()
-        if self._depth == 0:
-            try:
-                if not self._keep_open:
-                    self._fd = self._open()
-                _sys.flock(self._fd, fcntl.LOCK_EX)
-            except BaseException:
-                self._close_if_transient()
-                self._mutex.release()
-                raise
-            self._owner = threading.get_ident()
-            _held.add(self)
-        self._depth += 1
-        if self._depth == 1 and self._on_acquire is not None:
-            try:
-                self._on_acquire(self)
-            except BaseException:
-                self.release()
-                raise
+    def acquire(self, timeout=None):
+        self.lock.acquire(timeout)
 
     def release(self):
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
-            _held.discard(self)
-            _sys.flock(self._fd, fcntl.LOCK_UN)
-            self._close_if_transient()
-        self._mutex.release()
-
-    def _close_if_transient(self):
-        if not self._keep_open and self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.lock.release()
 
     def held(self):
-        """Context manager that is a no-op on exit in a forked child."""
-        return _Held(self)
+        return self.lock.held()
 
     def held_by_this_thread(self):
-        return self._owner == threading.get_ident()
-
-    def excluding_other_threads(self):
-        """Hold only the in-process mutex: no other thread of ours can arm a knob."""
-        return self._mutex
+        return self.lock.held_by_this_thread()
 
     def knob(self, name):
         """The fd of /proc/sys/kernel/<name>, opened once per namespace."""
@@ -168,9 +383,9 @@ class NamespaceLock:
             yield  # nothing armed, or already steered by this thread
             return
         generation = _generation
-        write_knob(self.knob(name), name, value + 1)
         self._steering.depth = 1
         try:
+            write_knob(self.knob(name), name, value + 1)
             yield
         finally:
             self._steering.depth = 0
@@ -178,7 +393,7 @@ class NamespaceLock:
                 write_knob(self.knob(name), name, value)
 
     def watch(self, kind):
-        """What routed calls of ``kind`` make (ids) and remove (a count) from now on.
+        """What routed calls of ``kind`` make (ids) from now on.
 
         A block checking creations it did not route leaves these out.
         """
@@ -195,45 +410,21 @@ class NamespaceLock:
         for watcher in self._watchers.get(kind, ()):
             watcher.made.add(id)
 
-    def note_removed(self, kind):
-        for watcher in self._watchers.get(kind, ()):
-            watcher.removed += 1
-
     def forget_in_child(self):
-        # The child holds copies of the parent's descriptions: closing them
-        # drops a reference; LOCK_UN would release the parent's lock.
-        for fd in [self._fd, *self._knobs.values()]:
-            if fd < 0:
-                continue
+        self.lock.forget_in_child()
+        for fd in self._knobs.values():
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._knobs = {}
 
 
 class Watcher:
-    __slots__ = ("made", "removed")
+    __slots__ = ("made",)
 
     def __init__(self):
         self.made = set()
-        self.removed = 0
-
-
-class _Held:
-    __slots__ = ("lock", "generation")
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        self.lock.acquire()
-        self.generation = _generation
-        return self.lock
-
-    def __exit__(self, *exc):
-        if self.generation == _generation:
-            self.lock.release()
-        return False
 
 
 def open_knob(name):
@@ -263,31 +454,37 @@ def write_knob(fd, name, value):
         ) from None
 
 
+# The lock order: a lock may be taken only after its ``before``.
+_BEFORE = {"ipc": "pid"}
+
+
 def namespace_lock(kind, on_acquire=None):
-    """The lock of this process's current ``kind`` ("pid" or "ipc") namespace."""
-    return _lock_for("/proc/self/ns/" + kind, kind, on_acquire)
+    """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
+    before = _BEFORE.get(kind)
+    before_lock = namespace_lock(before).lock if before else None
+    return _namespace_for("/proc/self/ns/" + kind, kind, on_acquire, before_lock)
 
 
 def directory_lock(path, label):
     """The lock on a directory (a devpts instance's root), open only while held."""
-    return _lock_for(path, label, None, keep_open=False)
+    return _namespace_for(path, label, None, None, keep_open=False)
 
 
 def existing_namespace_lock(kind):
-    """The lock if this process has made one for its current namespace, else None.
+    """The Namespace if this process has made one for its current namespace, else None.
 
     Free for a process that never made a request (no lookup at all).
     """
-    if not _locks:
+    if not _namespaces:
         return None
     try:
         st = os.stat("/proc/self/ns/" + kind)
     except OSError:
         return None
-    return _locks.get((kind, st.st_dev, st.st_ino))
+    return _namespaces.get((kind, st.st_dev, st.st_ino))
 
 
-def _lock_for(path, label, on_acquire, keep_open=True):
+def _namespace_for(path, label, on_acquire, before, keep_open=True):
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -298,23 +495,24 @@ def _lock_for(path, label, on_acquire, keep_open=True):
     # A devpts instance can reuse an unmounted one's device number and root
     # inode, so directory locks are also told apart by path.
     key = (label, st.st_dev, st.st_ino) if keep_open else (label, st.st_dev, st.st_ino, path)
-    lock = _locks.get(key)
-    if lock is None:
+    namespace = _namespaces.get(key)
+    if namespace is None:
         with _registry_lock:
-            lock = _locks.get(key)
-            if lock is None:
-                lock = NamespaceLock(path, label, on_acquire, keep_open)
-                _locks[key] = lock
-    return lock
+            namespace = _namespaces.get(key)
+            if namespace is None:
+                lock = NamespaceLock(path, label, before, on_acquire, keep_open)
+                namespace = Namespace(lock, label)
+                _namespaces[key] = namespace
+    return namespace
 
 
 def cached_fds():
-    """fds idpin keeps open on purpose: one namespace file and its knobs per namespace."""
+    """fds idpin keeps open on purpose: pooled lock descriptions and knobs per namespace."""
     fds = set()
-    for lock in list(_locks.values()):
-        if lock._keep_open:
-            fds.add(lock._fd)
-        fds.update(lock._knobs.values())
+    for namespace in list(_namespaces.values()):
+        if namespace.lock._keep_open:
+            fds.update(namespace.lock._idle)
+        fds.update(namespace._knobs.values())
     return fds
 
 
@@ -341,13 +539,12 @@ def _forget_all_in_child():
     # Another thread of the parent may have held one at the fork.
     _alloc_mutexes.clear()
     _inherited_armed.clear()
-    for key, lock in list(_locks.items()):
-        if lock.armed:
-            _inherited_armed[key[:3]] = dict(lock.armed)
-        lock.forget_in_child()
-    _locks.clear()
+    for key, namespace in list(_namespaces.items()):
+        if namespace.armed:
+            _inherited_armed[key[:3]] = dict(namespace.armed)
+        namespace.forget_in_child()
+    _namespaces.clear()
     _held.clear()
 
 
 os.register_at_fork(after_in_child=_forget_all_in_child)
-

@@ -19,34 +19,42 @@ armed (``without_armed_tid``): pids and tids share the namespace's cursor.
 import errno
 import os
 import signal
+import time
 
 from . import _sys, knobs
-from .errors import NEEDS_NAMESPACE_HINT, IdBusyError, RequestError, UnsupportedError
+from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, consume, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, validate_int
 
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
 # Exit status of a knob-path child that was born with the wrong pid.
 WRONG_PID_EXIT = 125
 # Knob-path forks retried when a fork outside the lock moved the cursor
-# without taking the pid.
-KNOB_ATTEMPTS = 3
+# without taking the pid: at most this many attempts, within this many
+# seconds (each lost attempt costs a child that is killed at once).
+KNOB_ATTEMPTS = 64
+KNOB_RETRY_SECONDS = 0.5
+# How long a taken pid or tid is looked at again before IdBusyError.
+BUSY_RECHECK_SECONDS = 0.05
 
 _clone3_missing = False
 _pid_max_by_namespace = {}
 
 
-def namespace_pid_max():
+def namespace_pid_max(refresh=False):
     """pid_max of this process's pid namespace (per namespace since 6.14).
 
-    Read once per namespace: it is checked on every pinned fork.
+    Cached per namespace, since it is checked on every pinned fork; a value
+    the cache refuses, or an allocation the kernel refuses, reads it again
+    (``refresh``), so a raised or lowered pid_max is never held against a
+    request.
     """
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = None
-    cached = _pid_max_by_namespace.get(namespace)
+    cached = None if refresh else _pid_max_by_namespace.get(namespace)
     if cached is None:
         try:
             with open("/proc/sys/kernel/pid_max") as f:
@@ -55,6 +63,25 @@ def namespace_pid_max():
             return PID_MAX_LIMIT
         _pid_max_by_namespace[namespace] = cached
     return cached
+
+
+def validate_in_pid_range(kind, value):
+    """An int in 1..pid_max-1 of this namespace, read again before refusing."""
+    if type(value) is int and 1 <= value < namespace_pid_max():
+        return value
+    if type(value) is int and value >= 1:
+        namespace_pid_max(refresh=True)
+    return validate_int(kind, value, 1, namespace_pid_max() - 1, "this namespace's pid_max - 1")
+
+
+def out_of_range_error(kind, value):
+    """After the kernel refused ``value`` as out of range: RequestError naming today's range."""
+    pid_max = namespace_pid_max(refresh=True)
+    return RequestError(
+        "%s %d is out of range: valid %ss are 1..%d (this namespace's pid_max - 1, read "
+        "just now)" % (kind, value, kind, pid_max - 1),
+        kind=kind,
+    )
 
 
 def validate_pid(value):
@@ -66,10 +93,10 @@ def validate_pid(value):
                 "first), not %d" % (_sys.MAX_PID_NS_LEVEL, len(value)),
                 kind="pid",
             )
-        inner = _validate_level(value[0], namespace_pid_max(), "this namespace's pid_max - 1")
+        inner = validate_in_pid_range("pid", value[0])
         outer = [_validate_level(v, PID_MAX_LIMIT, "PID_MAX_LIMIT - 1") for v in value[1:]]
         return (inner, *outer)
-    return _validate_level(value, namespace_pid_max(), "this namespace's pid_max - 1")
+    return validate_in_pid_range("pid", value)
 
 
 def _validate_level(value, pid_max, what):
@@ -80,7 +107,7 @@ def set_tid_of(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-def thread_count():
+def thread_count() -> int:
     """Threads of this process, as the kernel sees them (C threads included)."""
     try:
         # procfs counts a task directory's links as 2 + its threads.
@@ -91,7 +118,7 @@ def thread_count():
         return threading.active_count()
 
 
-def fork(pid=None, mechanism=None):
+def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     """Fork; the child gets ``pid`` (or this thread's pending pid request).
 
     Returns 0 in the child and the child's pid in the parent, like os.fork.
@@ -109,7 +136,7 @@ def fork(pid=None, mechanism=None):
         return plain_fork()
     req, value = found
     child = pinned_fork(value, mechanism)
-    consume(req, "pid", value)
+    req.consumed["pid"] = value  # inline: no call between the fork and recording it
     return child
 
 
@@ -141,7 +168,7 @@ def without_armed_tid(allocate, on_steered=None):
         return allocate()
 
 
-def children_in_new_pid_namespace():
+def children_in_new_pid_namespace() -> bool:
     """unshare(CLONE_NEWPID) was called: children go to a namespace this process is not in."""
     try:
         active = os.stat("/proc/self/ns/pid").st_ino
@@ -216,13 +243,28 @@ def fork_clone3(value):
         # Without glibc's tid cache refreshed, the child would be subtly wrong.
         _clone3_missing = True
         raise _Clone3Missing() from err
-    try:
-        return _sys.clone3_fork(set_tid, offset)
-    except OSError as err:
-        if err.errno in (errno.ENOSYS, errno.E2BIG):
-            _clone3_missing = True
-            raise _Clone3Missing() from err
-        raise _translate_clone3_error(err, value) from err
+    deadline = time.monotonic() + KNOB_RETRY_SECONDS
+    unseen = 0  # EEXIST with no task to be seen: a process group or session id, or a task just gone
+    while True:
+        try:
+            return _sys.clone3_fork(set_tid, offset)
+        except OSError as err:
+            if err.errno in (errno.ENOSYS, errno.E2BIG):
+                _clone3_missing = True
+                raise _Clone3Missing() from err
+            # A short-lived process outside idpin (a forking program's child)
+            # can hold the pid for a moment: try again once it is free.
+            # A pid used only as a process group or session id looks free
+            # but stays EEXIST: tried again only twice.
+            if err.errno == errno.EEXIST and len(set_tid) == 1 and time.monotonic() < deadline:
+                seen = pid_in_use(set_tid[0])
+                unseen += not seen
+                if (seen and free_soon(set_tid[0])) or (not seen and unseen <= 2):
+                    continue
+            raise _translate_clone3_error(err, value) from err
+        except BaseException:
+            undo_interrupted_fork(set_tid[0])
+            raise
 
 
 def _translate_clone3_error(err, value):
@@ -240,6 +282,9 @@ def _translate_clone3_error(err, value):
             kind="pid",
         )
     if err.errno == errno.EINVAL:
+        inner = set_tid_of(value)[0]
+        if inner >= namespace_pid_max(refresh=True):
+            return out_of_range_error("pid", inner)
         return RequestError(
             "pid %s was refused by clone3 (EINVAL): each pid must be below its namespace's "
             "pid_max, the tuple no longer than the pid namespace nesting + 1, and a new "
@@ -247,6 +292,22 @@ def _translate_clone3_error(err, value):
             kind="pid",
         )
     return err
+
+
+def free_soon(pid, seconds=None):
+    """Whether ``pid`` is free, or becomes free within BUSY_RECHECK_SECONDS.
+
+    A process outside idpin's lock can hold a pid for a moment (a forking
+    program's short-lived child): only a pid still taken after that is busy.
+    """
+    if not pid_in_use(pid):
+        return True
+    deadline = time.monotonic() + (BUSY_RECHECK_SECONDS if seconds is None else seconds)
+    while time.monotonic() < deadline:
+        time.sleep(0.0005)
+        if not pid_in_use(pid):
+            return True
+    return False
 
 
 def pid_in_use(pid):
@@ -266,41 +327,85 @@ def fork_knob(pid):
     A fork outside the lock can land between the knob write and ours. If it
     took the pid, that is a conflict: IdBusyError. If it only moved the
     cursor (the pid is still free once our wrong child is gone), the race was
-    lost, not the pid: try again, a bounded number of times.
+    lost, not the pid: try again, up to KNOB_ATTEMPTS times within
+    KNOB_RETRY_SECONDS.
     """
-    for _ in range(KNOB_ATTEMPTS):
-        if pid_in_use(pid):
+    deadline = time.monotonic() + KNOB_RETRY_SECONDS
+    for attempt in range(1, KNOB_ATTEMPTS + 1):
+        if not free_soon(pid):
             raise IdBusyError("pid", pid, "in use")
         child = _fork_with_knob(pid)
         if child in (0, pid):
             return child
         undo_child(child)
-        if pid_in_use(pid):
+        if not free_soon(pid):
             raise IdBusyError(
                 "pid", pid,
                 "a process forking outside idpin's lock took it between the knob write and "
                 "the fork (our child got pid %d and was killed)" % child,
             )
+        if child < pid and pid >= namespace_pid_max(refresh=True):
+            raise out_of_range_error("pid", pid)
+        if time.monotonic() >= deadline:
+            break
     raise IdBusyError(
         "pid", pid,
-        "lost the race with processes forking outside idpin's lock %d times (each time "
-        "the child got another pid and was killed)" % KNOB_ATTEMPTS,
+        "lost the race with processes forking outside idpin's lock %d times in a row (each "
+        "time the child got another pid and was killed before running anything); the pid "
+        "is free" % attempt,
     )
 
 
 def _fork_with_knob(pid):
-    lock = knobs.namespace_lock("pid")
-    with lock.held(), lock.alloc:
-        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
-        child = ORIGINALS["os.fork"]()
+    ns = knobs.namespace_lock("pid")
+    with ns.held(), ns.alloc:
+        try:
+            child = _sys.knob_fork(ns.knob("ns_last_pid"), pid)
+        except PermissionError:
+            knobs.write_knob(ns.knob("ns_last_pid"), "ns_last_pid", pid - 1)  # raises the fix
+            raise
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                raise out_of_range_error("pid", pid) from None
+            raise
+        except BaseException:
+            undo_interrupted_fork(pid)
+            raise
         if child == 0:
-            if os.getpid() != pid:
-                # Born with the wrong pid: run nothing of the caller's.
-                os._exit(WRONG_PID_EXIT)
             return 0
         # A tid block of this process armed the same cursor: give it back.
-        lock.rearm("ns_last_pid")
+        ns.rearm("ns_last_pid")
     return child
+
+
+def undo_interrupted_fork(pid):
+    """A fork completed, but an exception (a signal handler's) kept its child from the caller.
+
+    The caller will never know that child, so it is killed and reaped: the
+    one born with ``pid``, and a wrongly numbered knob-path child (it exits
+    at once with WRONG_PID_EXIT and would stay a zombie).
+    """
+    me = os.getpid()
+    for child, state, exit_code in _children_of(me):
+        if child == pid or (state == "Z" and exit_code == WRONG_PID_EXIT << 8):
+            undo_child(child)
+
+
+def _children_of(parent):
+    """(pid, state, exit code) of this process's children, from /proc."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After "pid (comm)": state, ppid, ... field 52 of stat is the exit code.
+        if int(fields[1]) == parent:
+            found.append((int(name), fields[0], int(fields[-1]) if len(fields) >= 50 else 0))
+    return found
 
 
 def undo_child(child):

@@ -5,17 +5,23 @@ cannot create a child (its set_tid is this process's own pid: the kernel
 checks privilege before it finds the pid taken), and IPC knob privilege off
 an open for writing (the kernel checks it at open), with nothing written.
 """
-import collections
 import errno
 import os
+from typing import NamedTuple
 
 from . import _sys, ipc, pids
 from . import pty as idpin_pty
 from .errors import NEEDS_NAMESPACE_HINT, UnsupportedError
 
-Capability = collections.namedtuple("Capability", "ok mechanism reason")
-Capability.__doc__ = """Whether idpin can honour a kind here (ok), with which mechanism, and if
-not, why and how to fix it (reason)."""
+
+class Capability(NamedTuple):
+    """Whether idpin can honour a kind here (ok), with which mechanism, and if
+    not, why and how to fix it (reason)."""
+
+    ok: bool
+    mechanism: str
+    reason: str
+
 
 _NO_PRIVILEGE = (
     "no CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN over this process's %s namespace; "
@@ -23,7 +29,17 @@ _NO_PRIVILEGE = (
 )
 
 
-def probe():
+KINDS = ("pid", "tid", "sem", "shm", "msg", "pty")
+
+# The inode numbers of the host's initial namespaces: fixed by the kernel
+# (PROC_PID_INIT_INO and PROC_IPC_INIT_INO in include/linux/proc_ns.h).
+# Children are created in pid_for_children (it differs from pid after an
+# unshare(CLONE_NEWPID); it is missing until that namespace's first child).
+INITIAL_NAMESPACE_INODES = {"pid_for_children": 0xEFFFFFFC, "ipc": 0xEFFFFFFF}
+NAMESPACE_OF = {"pid": "pid", "tid": "pid", "sem": "ipc", "shm": "ipc", "msg": "ipc"}
+
+
+def probe() -> dict[str, Capability]:
     """dict kind -> Capability for pid, tid, sem, shm, msg and pty."""
     caps = {"pid": probe_pid(), "tid": probe_tid()}
     for kind in ipc.KINDS:
@@ -32,11 +48,11 @@ def probe():
     return caps
 
 
-def clone3_errno():
+def clone3_errno() -> int:
     return _sys.clone3_probe((os.getpid(),))
 
 
-def probe_pid():
+def probe_pid() -> Capability:
     if pids.children_in_new_pid_namespace():
         # A clone3 probe there could create the namespace's init: not probed.
         return Capability(True, "clone3", "not probed: the next child is the init of a new pid "
@@ -55,7 +71,7 @@ def probe_pid():
     return Capability(True, "clone3", "")
 
 
-def probe_tid():
+def probe_tid() -> Capability:
     if pids.children_in_new_pid_namespace():
         return _knob_present("ns_last_pid")
     code = clone3_errno()
@@ -67,7 +83,7 @@ def probe_tid():
     return _knob_writable_by_rewrite("ns_last_pid")
 
 
-def _knob_present(name):
+def _knob_present(name: str) -> Capability:
     if os.path.exists("/proc/sys/kernel/" + name):
         return Capability(True, name, "")
     return Capability(
@@ -75,7 +91,7 @@ def _knob_present(name):
     )
 
 
-def _knob_writable_by_rewrite(name):
+def _knob_writable_by_rewrite(name: str) -> Capability:
     # Only on kernels without clone3: rewrite the value read, under the lock.
     from . import knobs
 
@@ -89,7 +105,7 @@ def _knob_writable_by_rewrite(name):
     return Capability(True, name, "")
 
 
-def probe_ipc(kind):
+def probe_ipc(kind: str) -> Capability:
     name = ipc.KNOB[kind]
     try:
         fd = os.open("/proc/sys/kernel/" + name, os.O_RDWR | os.O_CLOEXEC)
@@ -101,7 +117,7 @@ def probe_ipc(kind):
     return Capability(True, name, "")
 
 
-def probe_pty():
+def probe_pty() -> Capability:
     try:
         instance = idpin_pty.find_instance()
     except UnsupportedError as err:
@@ -109,3 +125,19 @@ def probe_pty():
     if not os.access(instance.ptmx, os.R_OK | os.W_OK):
         return Capability(False, "ptmx-walk", "%s is not readable and writable" % instance.ptmx)
     return Capability(True, "ptmx-walk", "")
+
+
+def host_namespaces() -> list[str]:
+    """The namespaces of ours ("pid", "ipc") that are the host's initial ones.
+
+    Pinning an id there writes the host's own knobs and takes ids the host's
+    other processes would have got.
+    """
+    found = []
+    for name, inode in INITIAL_NAMESPACE_INODES.items():
+        try:
+            if os.stat("/proc/self/ns/" + name).st_ino == inode:
+                found.append(name.split("_")[0])
+        except FileNotFoundError:
+            pass
+    return found

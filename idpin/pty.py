@@ -11,19 +11,28 @@ Only routed calls are honoured (``openpty``/``fork`` here, and os.openpty,
 os.forkpty, pty.openpty, pty.fork while a request is pending): an open of
 /dev/ptmx from C code cannot be steered without the seccomp supervisor.
 """
+__all__ = ["PTMX", "fork", "open_many", "openpty"]
+
 import collections
 import errno
 import os
 import resource
+import time
+from collections.abc import Iterable
 
 from . import _sys, knobs, pids
-from .errors import IdBusyError, RequestError, UnsupportedError
+from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, consume, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, validate_int
 
 PTMX = "/dev/ptmx"
 # fds the walk must leave free for the caller and for the interpreter itself.
 _FD_HEADROOM = 16
+# Walks retried when a busy index turns out free afterwards (another process
+# opened a pty outside idpin's lock for a moment): at most this many, within
+# this many seconds.
+WALK_ATTEMPTS = 64
+WALK_RETRY_SECONDS = 0.5
 
 Instance = collections.namedtuple("Instance", "ptmx root dev max")
 Instance.__doc__ = """A devpts instance: the ptmx path to open, its root directory (the lock),
@@ -109,13 +118,18 @@ def _check_fd_budget(highest):
         )
 
 
-def open_many(indices, ptmx=PTMX):
+def open_many(indices: Iterable[int], ptmx: str = PTMX) -> dict[int, tuple[int, int]]:
     """Open ptys with exactly these indices in one walk: {index: (master, slave)}.
 
     The fds are close-on-exec, like os.openpty's. All or nothing: a busy index
     raises IdBusyError and leaves no fd open and no index held.
     """
-    indices = list(indices)
+    try:
+        indices = list(indices)
+    except TypeError:
+        raise RequestError(
+            "pty indices must be an iterable of ints, not %r" % (indices,), kind="pty"
+        ) from None
     instance = find_instance(ptmx)
     wanted = sorted({validate_pty(index, instance) for index in indices})
     if len(wanted) != len(indices):
@@ -124,15 +138,59 @@ def open_many(indices, ptmx=PTMX):
         return {}
     _check_fd_budget(wanted[-1])
     lock = knobs.directory_lock(instance.root, "pts")
-    # A signal (Ctrl-C) between the walk and the slaves would leak ptys.
-    with lock.held(), _sys.signals_blocked():
-        masters, busy = _walk(instance, wanted)
-        if busy >= 0:
-            raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)
-        return _with_slaves(dict(zip(wanted, masters)))
+    pairs = {}
+    walk_failed = False
+    try:
+        with lock.held():
+            # Held back until every pty is paired or closed again.
+            with _sys.signals_blocked():
+                try:
+                    masters = _walk(instance, wanted)
+                except (IdpinError, OSError):
+                    walk_failed = True  # a failed walk leaves nothing open
+                    raise
+                pairs = _with_slaves(dict(zip(wanted, masters)))
+        return pairs
+    except BaseException:
+        if not walk_failed:
+            # Every wanted index was free when the walk began: a pty at one
+            # of them now is this call's, even one an exception (a signal
+            # handler's) kept from ``pairs``.
+            _close_ptys_at(instance, wanted, pairs)
+        raise
 
 
 def _walk(instance, wanted):
+    """The walk, tried again while a busy index turns out free: noise held it only briefly."""
+    deadline = time.monotonic() + WALK_RETRY_SECONDS
+    for attempt in range(1, WALK_ATTEMPTS + 1):
+        masters, busy = _walk_once(instance, wanted)
+        if busy < 0:
+            return masters
+        if _index_in_use(instance, busy):
+            raise IdBusyError("pty", busy, "in use in the devpts instance at %s" % instance.root)
+        if time.monotonic() >= deadline:
+            break
+    raise IdBusyError(
+        "pty", busy,
+        "another process opening ptys outside idpin's lock held it during each of %d walks "
+        "in a row; it is free now" % attempt,
+    )
+
+
+def _index_in_use(instance, index):
+    """Whether the index is still allocated after a short look (noise holds one briefly)."""
+    # devpts keeps a node for an index exactly as long as its pty is allocated.
+    node = os.path.join(instance.root, str(index))
+    deadline = time.monotonic() + pids.BUSY_RECHECK_SECONDS
+    while os.path.exists(node):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def _walk_once(instance, wanted):
     try:
         return _sys.ptmx_walk(instance.ptmx, tuple(wanted))
     except OSError as err:
@@ -160,6 +218,32 @@ def _with_slaves(masters):
     return pairs
 
 
+def _close_ptys_at(instance, wanted, pairs):
+    """Close every fd of this process on a pty at one of ``wanted``'s indices."""
+    for master, slave in pairs.values():
+        for fd in (master, slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    wanted = set(wanted)
+    slaves = {os.path.join(instance.root, str(index)) for index in wanted}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink("/proc/self/fd/" + name)
+        except OSError:
+            continue
+        if target in slaves:
+            os.close(fd)
+        elif os.path.basename(target) == "ptmx":
+            try:
+                if _sys.pty_index(fd) in wanted:
+                    os.close(fd)
+            except OSError:
+                pass
+
+
 def _pending_pair():
     """(pair, request, index) for this thread's pending pty request, not yet consumed."""
     found = pending("pty")
@@ -169,15 +253,15 @@ def _pending_pair():
     return open_many([index])[index], req, index
 
 
-def openpty():
+def openpty() -> tuple[int, int]:
     """os.openpty, honouring this thread's pending pty request."""
     pair, req, index = _pending_pair()
     if req is not None:
-        consume(req, "pty", index)
+        req.consumed["pty"] = index  # inline: no call between getting and returning the pair
     return pair
 
 
-def fork():
+def fork() -> tuple[int, int]:
     """pty.fork / os.forkpty: (pid, master fd); the child runs on the slave.
 
     Honours this thread's pending pty and pid requests; neither is consumed
@@ -192,13 +276,27 @@ def fork():
         os.close(slave)
         raise
     if pid == 0:
-        os.close(master)
-        os.login_tty(slave)
+        try:
+            os.close(master)
+            os.login_tty(slave)
+        except BaseException:
+            # As glibc's forkpty does: a child that cannot take its terminal
+            # (the master was closed meanwhile) must not run the caller's code.
+            os._exit(1)
         return 0, -1
-    os.close(slave)
+    try:
+        os.close(slave)
+    except BaseException:
+        os.close(master)
+        raise
     if req is not None:
-        consume(req, "pty", index)
+        req.consumed["pty"] = index
     return pid, master
 
 
 register_kind(Kind("pty", validate_pty))
+
+
+def __dir__() -> list[str]:
+    # dir(idpin.pty) lists its public names, not the modules it imports.
+    return sorted(__all__)

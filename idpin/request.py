@@ -12,7 +12,8 @@ third-party libraries), an ``arm``/``disarm`` pair run at block entry and exit.
 import os
 import threading
 
-from .errors import RequestError
+from . import _sys
+from .errors import Id, RequestError
 
 _local = threading.local()
 
@@ -30,6 +31,7 @@ class Kind:
 KINDS = {}
 # Arming order is fixed so that locks are always taken in the same order.
 ORDER = ("pid", "tid", "sem", "shm", "msg", "pty")
+_UNWIND_ORDER = tuple(reversed(ORDER))
 
 
 def register_kind(kind):
@@ -39,41 +41,48 @@ def register_kind(kind):
 class Request:
     """What ``idpin.request(...)`` returns; ``consumed`` maps kind -> id obtained."""
 
-    def __init__(self, ids):
+    ids: dict[str, Id]
+    consumed: dict[str, Id]
+
+    def __init__(self, ids: dict[str, Id]) -> None:
         self.ids = ids
         self.consumed = {}
         self.armed = {}
         self._state = "new"
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "idpin.request(%s)" % ", ".join("%s=%r" % kv for kv in self.ids.items())
 
-    def __enter__(self):
+    def __enter__(self) -> "Request":
         if self._state != "new":
             raise RuntimeError(
                 "%r was already entered; a request is one-shot: create a new one per block" % self
             )
         self._state = "active"
-        _stack().append(self)
-        armed = []
+        # Each kind's arm records what it holds in self.armed before taking
+        # it, so _unwind undoes exactly that, whatever point an exception
+        # (a signal handler's included) interrupted.
         try:
+            _stack().append(self)
             for name in self._kinds_in_order():
                 kind = KINDS[name]
                 if kind.arm is not None:
                     kind.arm(self, name)
-                    armed.append(kind)
         except BaseException:
-            self._unwind(armed)
+            self._unwind()
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    # C-level when the extension is built, so that a signal handler cannot
+    # raise between the with statement and the unwinding: _sys.resumable_exit.
+    __exit__ = _sys.resumable_exit
+
+    def _exit(self, exc_type, exc, tb):
         if self._state == "forked":
             # This is a forked child's copy of the block: the knobs and locks
             # belong to the parent, which leaves its own copy of the block.
             return False
-        armed = [KINDS[name] for name in self._kinds_in_order() if KINDS[name].arm is not None]
-        error = self._unwind(armed)
+        error = self._unwind()
         if error is not None:
             if exc is None:
                 raise error
@@ -83,22 +92,45 @@ class Request:
     def _kinds_in_order(self):
         return [name for name in ORDER if name in self.ids]
 
-    def _unwind(self, armed):
-        """Disarm in reverse order; every kind is disarmed even if one fails."""
-        first_error = None
-        for kind in reversed(armed):
+    def _unwind(self):
+        """Disarm every armed kind, in reverse order, even if one fails; the first error.
+
+        An exception (a signal handler's) that interrupts the walk between
+        two kinds, or a kind's disarm half-way, is followed by a second walk:
+        each disarm is resumable, and leaves ``armed`` only once done.
+        """
+        errors = []
+        try:
             try:
-                kind.disarm(self, kind.name)
+                self._disarm_all(errors)
+            except BaseException as err:  # noqa: B902 - between two kinds
+                errors.append(err)
+                self._disarm_all(errors)
+        finally:
+            self._state = "done"
+            # No call before the removal: a signal handler could raise at a
+            # function's entry and leave this request on the stack.
+            try:
+                stack = _local.stack
+            except AttributeError:
+                stack = ()
+            if self in stack:
+                stack.remove(self)
+        return errors[0] if errors else None
+
+    def _disarm_all(self, errors):
+        for name in _UNWIND_ORDER:
+            if name not in self.armed:
+                continue
+            try:
+                KINDS[name].disarm(self, name)
             except BaseException as err:  # noqa: B902 - keep disarming the rest
-                if first_error is None:
-                    first_error = err
-        stack = _stack()
-        if stack and stack[-1] is self:
-            stack.pop()
-        elif self in stack:
-            stack.remove(self)
-        self._state = "done"
-        return first_error
+                errors.append(err)
+                if name in self.armed:
+                    try:
+                        KINDS[name].disarm(self, name)  # finish what was interrupted
+                    except BaseException as again:  # noqa: B902
+                        errors.append(again)
 
 
 def _note(exc, text):
@@ -114,7 +146,7 @@ def _stack():
     return stack
 
 
-def request(**ids):
+def request(**ids: Id | None) -> Request:
     """Ask that this thread's next allocation of each kind get the given id.
 
     Kinds: pid (int, or a tuple innermost first for nested pid namespaces),
@@ -133,13 +165,13 @@ def request(**ids):
     return Request(wanted)
 
 
-def pending(kind):
+def pending(kind: str) -> "tuple[Request, Id] | None":
     """(request, id) that this thread's next ``kind`` allocation must honour, or None."""
     stack = getattr(_local, "stack", None)
     if not stack:
         return None
     for req in reversed(stack):
-        if kind in req.ids:
+        if kind in req.ids and req._state == "active":
             if kind in req.consumed:
                 return None
             return req, req.ids[kind]

@@ -20,11 +20,14 @@ import select
 import signal
 import time
 import traceback
+from collections.abc import Callable
+from typing import IO, Any, NoReturn, TypeVar
 
 from . import _sys, knobs
 from .interpose import ORIGINALS
 
 NOBODY = 65534
+T = TypeVar("T")
 _NEW_NAMESPACES = _sys.CLONE_NEWUSER | _sys.CLONE_NEWPID | _sys.CLONE_NEWIPC | _sys.CLONE_NEWNS
 
 
@@ -32,16 +35,23 @@ class ChildError(RuntimeError):
     """The namespace child failed outside fn, or died without reporting."""
 
 
-def run_in_namespaces(fn, *args, uid=0, userns=True, backend=None, check_leaks=True,
-                      timeout=120.0, **kwargs):
+def run_in_namespaces(fn: Callable[..., T], *args: Any, uid: int | None = None, userns: bool = True,
+                      backend: str | None = None, check_leaks: bool = True, timeout: float = 120.0,
+                      **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` as pid 1 of fresh namespaces; return its result.
 
-    uid: the host uid the child runs as before creating its user namespace
-    (0, or e.g. NOBODY for the unprivileged path; changing it needs root).
+    Needs no privilege: the caller's uid becomes root of the new user
+    namespace (where unprivileged user namespaces are enabled).
+    uid: the host uid the child switches to before creating its user
+    namespace (None: stay the caller's; e.g. NOBODY, from root, for the
+    unprivileged path).
     userns=False runs fn in a plain forked child with the host's namespaces,
     for code that must see the host's refusals (only sensible with uid != 0).
     backend: "cython" or "ctypes" to force idpin._sys's backend in the child.
     """
+    if uid is not None and uid != os.getuid() and os.geteuid() != 0:
+        raise PermissionError("run_in_namespaces(uid=%d) needs root to switch to that uid; "
+                              "leave uid unset to run as yourself (uid %d)" % (uid, os.getuid()))
     read_end, write_end = os.pipe()
     middle = ORIGINALS["os.fork"]()
     if middle == 0:
@@ -55,12 +65,13 @@ def run_in_namespaces(fn, *args, uid=0, userns=True, backend=None, check_leaks=T
     return _unpack(outcome)
 
 
-def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
+def _middle(write_end: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            uid: int | None, userns: bool, backend: str | None, check_leaks: bool) -> NoReturn:
     status = 70
     try:
         if backend is not None:
             _sys.use(backend)
-        if uid != os.getuid():
+        if uid is not None and uid != os.getuid():
             _preload()
             _become(uid)
         if not userns:
@@ -88,7 +99,7 @@ def _middle(write_end, fn, args, kwargs, uid, userns, backend, check_leaks):
         os._exit(status)
 
 
-def _preload():
+def _preload() -> None:
     # After dropping root the child may not be able to read the installation
     # (e.g. under a 0700 /root): import now what idpin and its tests load lazily.
     import importlib
@@ -111,8 +122,9 @@ def _preload():
             pass
 
 
-def _become(uid):
-    os.setgroups([])
+def _become(uid: int) -> None:
+    if _setgroups_allowed():
+        os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     # Changing credentials clears "dumpable", which makes /proc/self/*_map
@@ -120,9 +132,25 @@ def _become(uid):
     _sys.prctl(_sys.PR_SET_DUMPABLE, 1)
 
 
-def _enter_namespaces():
+def _setgroups_allowed() -> bool:
+    # Inside a user namespace whose setgroups is denied, the supplementary
+    # groups are fixed: setgroups fails with EPERM even for its root.
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() != "deny"
+    except FileNotFoundError:
+        return True
+
+
+def _enter_namespaces() -> None:
     uid, gid = os.getuid(), os.getgid()
-    _sys.unshare(_NEW_NAMESPACES)
+    try:
+        _sys.unshare(_NEW_NAMESPACES)
+    except PermissionError as err:
+        raise PermissionError(err.errno, (
+            "uid %d may not create user namespaces here: unprivileged user namespaces are "
+            "disabled (e.g. sysctl user.max_user_namespaces=0, kernel.unprivileged_userns_clone=0 "
+            "or an AppArmor restriction); run as root, or enable them" % uid)) from err
     _write("/proc/self/uid_map", "0 %d 1\n" % uid)
     _write("/proc/self/setgroups", "deny\n")
     _write("/proc/self/gid_map", "0 %d 1\n" % gid)
@@ -130,12 +158,13 @@ def _enter_namespaces():
     _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE, None)
 
 
-def _write(path, text):
+def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
 
 
-def _init(write_end, fn, args, kwargs, backend, check_leaks):
+def _init(write_end: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+          backend: str | None, check_leaks: bool) -> NoReturn:
     status = 71
     try:
         flags = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
@@ -151,7 +180,8 @@ def _init(write_end, fn, args, kwargs, backend, check_leaks):
         os._exit(status)
 
 
-def _run_body(write_end, fn, args, kwargs, backend, check_leaks):
+def _run_body(write_end: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+              backend: str | None, check_leaks: bool) -> None:
     if backend is not None:
         _sys.use(backend)
     fds_before = _open_fds()
@@ -168,18 +198,18 @@ def _run_body(write_end, fn, args, kwargs, backend, check_leaks):
     _report(write_end, ("returned", result))
 
 
-def _open_fds():
+def _open_fds() -> set[int]:
     listed = set(int(fd) for fd in os.listdir("/proc/self/fd"))
     # One of them was listdir's own, closed by now.
     return {fd for fd in listed if _is_open(fd)}
 
 
-def open_fds():
+def open_fds() -> set[int]:
     """This process's open fds, less the ones idpin keeps open on purpose."""
     return _open_fds() - knobs.cached_fds()
 
 
-def _is_open(fd):
+def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
     except OSError:
@@ -187,7 +217,7 @@ def _is_open(fd):
     return True
 
 
-def leftovers(fds_before=None):
+def leftovers(fds_before: set[int] | None = None) -> list[str]:
     """What the code run in this namespace left behind, as readable lines."""
     found = []
     others = sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid())
@@ -216,14 +246,14 @@ def leftovers(fds_before=None):
     return found
 
 
-def _fd_target(fd):
+def _fd_target(fd: int) -> str:
     try:
         return os.readlink("/proc/self/fd/%d" % fd)
     except OSError:
         return "?"
 
 
-def _picklable(err):
+def _picklable(err: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(err))
         return err
@@ -231,7 +261,7 @@ def _picklable(err):
         return ChildError("%s: %s (not picklable)" % (type(err).__name__, err))
 
 
-def _report(write_end, message):
+def _report(write_end: int, message: tuple[Any, ...]) -> None:
     data = pickle.dumps(message)
     os.write(write_end, len(data).to_bytes(8, "little"))
     view = memoryview(data)
@@ -240,7 +270,7 @@ def _report(write_end, message):
         view = view[written:]
 
 
-def _collect(read_end, middle, timeout):
+def _collect(read_end: int, middle: int, timeout: float) -> tuple[Any, ...]:
     """Read the child's messages until EOF or timeout; kill what we started on timeout."""
     deadline = time.monotonic() + timeout
     buffer = b""
@@ -270,7 +300,7 @@ def _collect(read_end, middle, timeout):
         ) from None
 
 
-def _split(buffer):
+def _split(buffer: bytes) -> tuple[list[tuple[Any, ...]], bytes]:
     messages = []
     while len(buffer) >= 8:
         size = int.from_bytes(buffer[:8], "little")
@@ -281,7 +311,7 @@ def _split(buffer):
     return messages, buffer
 
 
-def _kill_started(middle, init):
+def _kill_started(middle: int, init: int | None) -> None:
     for pid in (init, middle):
         if pid:
             try:
@@ -291,7 +321,7 @@ def _kill_started(middle, init):
     os.waitpid(middle, 0)
 
 
-def _unpack(outcome):
+def _unpack(outcome: tuple[Any, ...]) -> Any:
     tag = outcome[0]
     if tag == "returned":
         return outcome[1]
@@ -313,20 +343,20 @@ class Forker:
     returns them. Use it as a context manager around the code under test.
     """
 
-    def __init__(self, max_seconds=60.0):
+    def __init__(self, max_seconds: float = 60.0) -> None:
         self.max_seconds = max_seconds
-        self.pid = None
-        self.children = []
+        self.pid: int | None = None
+        self.children: list[int] = []
+        self._log: IO[bytes]
 
-    def __enter__(self):
+    def __enter__(self) -> "Forker":
         self.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
-        return False
 
-    def start(self):
+    def start(self) -> None:
         import tempfile
 
         self._log = tempfile.TemporaryFile()
@@ -340,7 +370,7 @@ class Forker:
         os.read(ready_read, 1)  # wait until it is forking
         os.close(ready_read)
 
-    def _loop(self, ready_write):
+    def _loop(self, ready_write: int) -> NoReturn:
         try:
             fork = ORIGINALS["os.fork"]
             deadline = time.monotonic() + self.max_seconds
@@ -357,7 +387,7 @@ class Forker:
         finally:
             os._exit(0)
 
-    def stop(self):
+    def stop(self) -> list[int]:
         if self.pid is None:
             return self.children
         os.write(self._stop_write, b"x")

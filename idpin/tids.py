@@ -5,75 +5,140 @@ pthread_create go through glibc, which takes the next pid from the
 namespace's cursor. So a tid block holds the pid namespace lock from entry to
 exit with ns_last_pid = tid - 1, and this thread's next thread gets the tid:
 
-- threading.Thread.start (routed) re-arms the knob, starts the thread and
-  checks its native_id. The new thread checks its own tid before running its
-  target, so a wrongly numbered thread runs nothing and is joined before
-  IdBusyError is raised.
+- threading.Thread.start (routed) starts a carrier OS thread with the knob
+  armed just before it. A carrier that got the tid runs the Thread's own
+  bootstrap; one that got another tid (a process forking outside idpin's
+  lock moved the cursor) ends without running anything, and the start is
+  tried again while the tid is still free, a bounded number of times. So the
+  Thread object only ever runs on the right tid.
 - a pthread_create idpin does not see (C code) consumes the armed knob; at
   block exit idpin compares this process's threads before and after and
   raises IdBusyError if a new thread appeared without the tid. A thread that
   was created and ended within the block cannot be checked.
 """
+import _thread
 import os
 import threading
+import time
 
-from . import knobs, pids
+from . import _sys, knobs, pids
 from .errors import IdBusyError
 from .interpose import ORIGINALS
-from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
+from .request import Kind, consume, enclosing_pending_request, pending, register_kind
+
+# Starts retried when a fork outside the lock moved the cursor without
+# taking the tid: at most this many attempts, within this many seconds.
+START_ATTEMPTS = 64
+START_RETRY_SECONDS = 0.5
+# How long a carrier thread may take to report its tid.
+CARRIER_TIMEOUT = 10.0
+
+_pinned = threading.local()
+# OS threads threading has started in this process (a block checking an
+# unrouted creation asks whether another thread could have made it).
+_starts = 0
+
+
+def thread_starts():
+    return _starts
 
 
 def validate_tid(value):
-    return validate_int(
-        "tid", value, 1, pids.namespace_pid_max() - 1, "this namespace's pid_max - 1"
-    )
+    return pids.validate_in_pid_range("tid", value)
 
 
 def _tasks():
     return set(int(name) for name in os.listdir("/proc/self/task"))
 
 
-def _arm_knob(lock, tid):
-    with lock.alloc:
-        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", tid - 1)
-        lock.armed["ns_last_pid"] = tid - 1
+def _arm_knob(ns, tid):
+    with ns.alloc:
+        _write_tid_knob(ns, tid)
+        ns.armed["ns_last_pid"] = tid - 1
 
 
-def arm(req, kind):
-    lock = knobs.namespace_lock("pid")
-    lock.acquire()
+def _write_tid_knob(ns, tid):
     try:
-        with lock.alloc:  # no thread start between the census and the arming
-            req.armed["tid"] = (lock, _tasks(), lock.watch("tid"))
-            _arm_knob(lock, req.ids["tid"])
-    except BaseException:
-        entry = req.armed.pop("tid", None)
-        if entry is not None:
-            lock.unwatch("tid", entry[2])
-        lock.release()
+        knobs.write_knob(ns.knob("ns_last_pid"), "ns_last_pid", tid - 1)
+    except OSError as err:
+        if err.errno == pids.errno.EINVAL:
+            raise pids.out_of_range_error("tid", tid) from None
         raise
 
 
+class _TidBlock:
+    """What a tid block holds; its exit (disarm) undoes exactly what is recorded here."""
+
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "cursor")
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.held = False
+        self.before = None
+        self.routed = None
+        self.settled = False
+        self.cleaned = False
+        self.cursor = None
+
+
+def arm(req, kind):
+    ns = knobs.namespace_lock("pid")
+    # Recorded before anything is taken, so that an exception at any point
+    # (a signal handler's included) leaves disarm something exact to undo.
+    req.armed["tid"] = block = _TidBlock(ns)
+    ns.acquire()
+    block.held = True
+    with ns.alloc:  # no thread start between the census and the arming
+        block.before = _tasks()
+        block.routed = ns.watch("tid")
+        # The cursor as the namespace had it: put back if the block ends
+        # with the tid unused, so no later allocation takes it unasked.
+        block.cursor = _sys.knob_read(ns.knob("ns_last_pid"))
+        _arm_knob(ns, req.ids["tid"])
+
+
 def disarm(req, kind):
-    lock, before, routed = req.armed.pop("tid")
+    """Leave a tid block: check, disarm, unlock. Resumable after an interruption."""
+    block = req.armed["tid"]
     try:
-        if "tid" not in req.consumed:
-            with lock.alloc:  # the census must match the routed starts noted
-                _settle_unrouted(req, before, routed)
+        if block.held:
+            _settle_and_clean(req, block)
+            block.ns.release()
+            block.held = False
     finally:
-        try:
-            with lock.alloc:
-                lock.armed.pop("ns_last_pid", None)
-            lock.unwatch("tid", routed)
-            outer = enclosing_pending_request(req, "tid")
-            if outer is not None:
-                with lock.alloc:
+        if not block.held:
+            del req.armed["tid"]
+
+
+def _settle_and_clean(req, block):
+    ns = block.ns
+    try:
+        if not block.settled:
+            block.settled = True
+            if "tid" not in req.consumed and block.routed is not None:
+                with ns.alloc:  # the census must match the routed starts noted
+                    _settle_unrouted(req, block.before, block.routed)
+    finally:
+        if not block.cleaned:
+            with ns.alloc:
+                ns.armed.pop("ns_last_pid", None)
+                if block.routed is not None:
+                    ns.unwatch("tid", block.routed)
+                outer = enclosing_pending_request(req, "tid")
+                if outer is not None:
                     # What the inner block made is not the outer block's to judge.
-                    _, _, outer_routed = outer.armed["tid"]
-                    outer.armed["tid"] = (lock, _tasks(), outer_routed)
-                    _arm_knob(lock, outer.ids["tid"])
-        finally:
-            lock.release()
+                    outer.armed["tid"].before = _tasks()
+                    _arm_knob(ns, outer.ids["tid"])
+                elif block.cursor is not None:
+                    _put_back_cursor(ns, req.ids["tid"] - 1, block.cursor)
+            block.cleaned = True
+
+
+def _put_back_cursor(ns, armed, cursor):
+    """An unused tid stays armed in the shared cursor: give the namespace its cursor back."""
+    fd = ns.knob("ns_last_pid")
+    if _sys.knob_read(fd) == armed:
+        knobs.write_knob(fd, "ns_last_pid", cursor)
 
 
 def _settle_unrouted(req, before, routed):
@@ -91,48 +156,99 @@ def _settle_unrouted(req, before, routed):
         )
 
 
-def start_thread(thread):
+def start_thread(thread: threading.Thread) -> None:
     """threading.Thread.start, honouring this thread's pending tid request."""
     found = pending("tid")
     if found is None:
         return plain_start(thread)
     req, tid = found
-    if pids.pid_in_use(tid):
+    if not pids.free_soon(tid):
         raise IdBusyError("tid", tid, "in use (found before starting the thread)")
-    lock = knobs.namespace_lock("pid")
-    with lock.held(), lock.alloc:
-        knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", tid - 1)
-        _run_only_with_tid(thread, tid)
-        ORIGINALS["threading.Thread.start"](thread)
-        # Consumed (or lost): nothing of this block stays armed.
-        lock.armed.pop("ns_last_pid", None)
-        lock.note("tid", thread.native_id)
-    if thread.native_id != tid:
-        thread.join()
-        raise IdBusyError(
-            "tid", tid,
-            "the thread got tid %d (a process outside idpin's lock took the knob); "
-            "it ended without running its target" % thread.native_id,
-        )
-    consume(req, "tid", tid)
+    ns = knobs.namespace_lock("pid")
+    with ns.held(), ns.alloc:
+        _pinned.start = (ns, tid)
+        try:
+            ORIGINALS["threading.Thread.start"](thread)
+        finally:
+            _pinned.start = None
+            # Consumed (or lost): nothing of this block stays armed.
+            ns.armed.pop("ns_last_pid", None)
+    req.consumed["tid"] = tid
+
+
+def start_new_thread(function, args, kwargs=None):
+    """threading's _start_new_thread: a pinned start goes through a carrier."""
+    global _starts
+    _starts += 1
+    pinned = getattr(_pinned, "start", None)
+    if pinned is None:
+        if kwargs is None:
+            return ORIGINALS["threading._start_new_thread"](function, args)
+        return ORIGINALS["threading._start_new_thread"](function, args, kwargs)
+    _pinned.start = None  # one OS thread per request
+    ns, tid = pinned
+    return _start_with_tid(ns, tid, function, args, kwargs or {})
+
+
+def _start_with_tid(ns, tid, function, args, kwargs):
+    deadline = time.monotonic() + START_RETRY_SECONDS
+    for attempt in range(1, START_ATTEMPTS + 1):
+        carrier = _Carrier(tid, function, args, kwargs)
+        _write_tid_knob(ns, tid)
+        ident = ORIGINALS["threading._start_new_thread"](carrier.run, ())
+        got = carrier.wait()
+        ns.note("tid", got)
+        if got == tid:
+            return ident
+        if not pids.free_soon(tid):
+            raise IdBusyError(
+                "tid", tid,
+                "a process outside idpin's lock took it between the knob write and the "
+                "thread start (the thread got tid %d and ended without running)" % got,
+            )
+        if got < tid and tid >= pids.namespace_pid_max(refresh=True):
+            raise pids.out_of_range_error("tid", tid)
+        if time.monotonic() >= deadline:
+            break
+    raise IdBusyError(
+        "tid", tid,
+        "lost the race with processes forking outside idpin's lock %d times in a row (each "
+        "time the thread got another tid and ended without running); the tid is free" % attempt,
+    )
+
+
+class _Carrier:
+    """An OS thread that runs ``function`` only if it got ``tid``."""
+
+    __slots__ = ("tid", "function", "args", "kwargs", "got", "_reported")
+
+    def __init__(self, tid, function, args, kwargs):
+        self.tid = tid
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.got = None
+        self._reported = _thread.allocate_lock()
+        self._reported.acquire()
+
+    def run(self):
+        self.got = threading.get_native_id()
+        self._reported.release()
+        if self.got == self.tid:
+            self.function(*self.args, **self.kwargs)
+
+    def wait(self):
+        if not self._reported.acquire(timeout=CARRIER_TIMEOUT):
+            raise RuntimeError("a new thread did not report its tid within %g s" % CARRIER_TIMEOUT)
+        return self.got
 
 
 def plain_start(thread):
     """An unpinned thread start that cannot consume a tid a block of this process armed."""
     pids.without_armed_tid(
         lambda: ORIGINALS["threading.Thread.start"](thread),
-        on_steered=lambda lock: lock.note("tid", thread.native_id),
+        on_steered=lambda ns: ns.note("tid", thread.native_id),
     )
-
-
-def _run_only_with_tid(thread, tid):
-    run = thread.run
-
-    def run_if_pinned():
-        if threading.get_native_id() == tid:
-            run()
-
-    thread.run = run_if_pinned
 
 
 register_kind(Kind("tid", validate_tid, arm, disarm))

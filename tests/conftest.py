@@ -7,13 +7,46 @@ knobs, ptys, fds, locks). Options come from the ``namespaces`` marker
 (``uid=NOBODY`` for the unprivileged path). Tests marked ``host`` run in the
 pytest process itself and are not parametrized by backend.
 """
+import importlib.util
+import pathlib
+
 import hypothesis
 import pytest
 
+import idpin
 from idpin import _sys, testing
+
+SOURCE_PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "idpin"
 
 hypothesis.settings.register_profile("idpin", deadline=None, database=None, max_examples=60)
 hypothesis.settings.load_profile("idpin")
+
+
+def pytest_configure(config):
+    # One clear error instead of a failure in every test.
+    if shadowed_by_the_source_tree():
+        raise pytest.UsageError(
+            "idpin was imported from the source tree (%s), which has no compiled extension, "
+            "instead of the installed package: 'python -m pytest' puts the current directory "
+            "first on sys.path. Install with \"pip install '.[test]'\" and run the 'pytest' "
+            "command from the repository root." % SOURCE_PACKAGE)
+
+
+def shadowed_by_the_source_tree():
+    """Whether ``import idpin`` found this checkout's sources rather than a built package."""
+    loaded = pathlib.Path(idpin.__file__).resolve().parent
+    return loaded == SOURCE_PACKAGE and importlib.util.find_spec("idpin._sys._cython") is None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # CI skips nothing: a skip would hide a missing feature or dependency.
+    report = (yield).get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = ("%s; but the suite skips nothing: install what the test needs "
+                           "(pip install '.[test]') or make it run" % reason)
 
 
 def pytest_generate_tests(metafunc):

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from idpin import cli
-from idpin.bench import perf, race
+from idpin.bench import measure, perf, race
 
 KINDS = {"pid", "tid", "sem", "shm", "msg", "pty", "mixed"}
 IDPIN_STRATEGIES = {"idpin-knob", "idpin-clone3"}
@@ -65,15 +65,42 @@ def test_perf_quick_every_pinned_id_right_nothing_left_and_both_sections_kept(tm
     for row in rows:
         assert row["error"] is None and row["wrong"] == 0 and row["leaks"] == [], row
         assert not row.get("skipped"), row  # the C floor compiled
-        assert row["ratio"] > 0 and row["met"] in (True, False, None)
+        assert row["ratio"] > 0 and row["met"] is None  # quick: no target is judged
+    assert "quick: ratios not measured" in text
+    table = text.split("\n\n")[1].splitlines()
+    assert table[0].split()[-1] == "met"
+    targeted = [line for line in table[2:] if ">=" in line or "<=" in line]
+    assert targeted and all(line.endswith("not measured") for line in targeted), targeted
+    assert not [line for line in table[2:] if line.endswith(" NO")]
 
 
 @pytest.mark.host
 def test_perf_quick_draws_its_chart(tmp_path):
-    pytest.importorskip("matplotlib")
+    # matplotlib comes with the test extra (which pulls the bench extra).
     status, text, _ = run_quick("perf", tmp_path, "--plot")
     assert status == 0, text
     assert (tmp_path / "perf.png").stat().st_size > 0
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("suite", ["race", "perf"])
+def test_plot_without_matplotlib_fails_before_the_run(tmp_path, monkeypatch, suite):
+    import idpin.bench
+
+    monkeypatch.setattr(idpin.bench, "plotting_missing", lambda: "matplotlib, which is not installed")
+    out = io.StringIO()
+    status = cli.main(["bench", suite, "--quick", "--plot", "--out", str(tmp_path)], out=out)
+    assert status == 2
+    assert out.getvalue() == ("--plot needs matplotlib, which is not installed: install it with: "
+                              "pip install 'idpin[bench]'\n")
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing was written
+
+
+@pytest.mark.host
+def test_plotting_is_available_with_the_test_extra():
+    import idpin.bench
+
+    assert idpin.bench.plotting_missing() is None
 
 
 def _cell(**fields):
@@ -101,3 +128,46 @@ def test_perf_invariants_catch_a_wrong_id_and_a_failed_benchmark_but_not_a_misse
     assert "came out wrong" in perf.violations([wrong])[0]
     failed = dict(slow, error="boom")
     assert "failed: boom" in perf.violations([failed])[0]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.host
+def test_progress_lines_in_a_log_say_how_much_time_is_left():
+    clock, log = Clock(), io.StringIO()
+    progress = measure.Progress("perf", 4, stream=log, clock=clock)
+    progress.step("fork, cython")
+    clock.now = 2.0
+    progress.step("sysv, cython")  # still quiet: a short run says nothing
+    clock.now = 20.0
+    progress.step("batch, cython")
+    clock.now = 30.0
+    progress.step("pty, cython")  # within LOG_EVERY of the last line: not logged
+    clock.now = 41.0
+    assert progress.finish() == 41.0 and progress.done == 4
+    assert log.getvalue() == (
+        "[idpin bench perf] 2/4 done, 20 s elapsed, about 20 s left  batch, cython\n")
+    assert progress.line("x", 150.0) == "[idpin bench perf] 4/4 done, 2 min 30 s elapsed, about 0 s left  x"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.host
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch):
+    monkeypatch.setattr(measure.Progress, "QUIET_SECONDS", 0)
+    terminal = Terminal()
+    progress = measure.Progress("race", 3, stream=terminal)
+    for what in ("a", "b", "c"):
+        progress.step(what)
+    progress.finish()
+    text = terminal.getvalue()
+    assert "idpin bench race:" in text and "/3" in text and "[idpin bench" not in text

@@ -371,6 +371,32 @@ def test_a_tree_that_moves_while_read_is_read_again_and_the_retries_are_bounded(
     assert victim not in pids and set(tree_pids(ids)) - pids == {victim}
 
 
+def test_ptys_of_another_devpts_instance_are_not_in_the_plan(tmp_path):
+    # A restore can give back only ptys of the instance /dev/ptmx allocates from.
+    other = str(tmp_path)
+    _sys.mount("devpts", other, "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC, "newinstance,ptmxmode=0666")
+    foreign = os.open(other + "/ptmx", os.O_RDWR | os.O_NOCTTY)
+    assert _sys.pty_index(foreign) == 0  # an index this instance's pty 0 shares with nothing of ours
+    with idpin.request(pty=2):
+        master, slave = os.openpty()
+    release, hold = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(hold)
+        os.read(release, 1)
+        os._exit(0)
+    try:
+        captured = capture(child)
+    finally:
+        os.close(hold)
+        os.waitpid(child, 0)
+        for fd in (release, foreign, master, slave):
+            os.close(fd)
+    assert captured["processes"][0]["fds"] == {
+        str(master): {"pty": 2, "end": "master"}, str(slave): {"pty": 2, "end": "slave"}}
+    assert captured["ptys"] == [{"index": 2}]
+
+
 def test_freeze_refuses_a_tree_holding_the_caller_and_stops_nothing():
     with live_tree() as ids:
         with pytest.raises(idpin.RequestError, match="contains the capturing process 1"):
@@ -438,3 +464,27 @@ def test_sys_reads_ipc_contents_and_reports_errors(backend):
         segment.detach()
         segment.remove()
         semaphore.remove()
+
+
+def test_a_process_name_that_mimics_stat_fields_does_not_fool_the_capture():
+    ready, started = os.pipe()
+    release, hold = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(hold)
+        with open("/proc/self/comm", "w") as f:
+            f.write("x) R 7 7 7 (y")  # /proc/PID/stat: "pid (comm) state ppid pgrp session ..."
+        os.setpgid(0, 0)
+        os.write(started, b"!")
+        os.read(release, 1)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        captured = capture(child)
+    finally:
+        os.close(hold)
+        os.waitpid(child, 0)
+        for fd in (ready, started, release):
+            os.close(fd)
+    process = captured["processes"][0]
+    assert (process["pid"], process["ppid"], process["pgid"], process["sid"]) == (child, 0, child, 0)

@@ -109,6 +109,10 @@ HOSTILE = [
     ((P, 1, "pid"), True, "$.processes[1].pid", "must be of type integer, not boolean True"),
     ((P, 1, "pid"), "2", "$.processes[1].pid", "must be of type integer, not string '2'"),
     ((P, 1, "pgid"), None, "$.processes[1].pgid", "must be of type integer, not null"),
+    # values equal to ones already found valid, but of another type (validation remembers valid pairs)
+    ((P, 2, "ppid"), 1.0, "$.processes[2].ppid", "must be of type integer, not number 1.0"),
+    ((P, 1, "sid"), True, "$.processes[1].sid", "must be of type integer, not boolean True"),
+    ((P, 2, "next"), {"pid": [12.0]}, "$.processes[2].next.pid[0]", "must be of type integer, not number 12.0"),
     ((P, 1, "cmdline"), ["ok", 5], "$.processes[1].cmdline[1]", "must be of type string"),
     ((P, 0, "next", "pid"), [0], "$.processes[0].next.pid[0]", "0 is out of range 1..4194303"),
     ((P, 0, "next", "sem"), [-1], "$.processes[0].next.sem[0]", "-1 is out of range 0..2147483647"),
@@ -325,3 +329,29 @@ def test_any_consistent_tree_loads_and_a_duplicated_pid_is_refused(doc, rng):
     twin["processes"][j] = dict(twin["processes"][i])
     assert refusal(twin).startswith("invalid plan: $.processes[%d].pid: pid %d is also $.processes[%d]"
                                     % (j, doc["processes"][i]["pid"], i))
+
+
+def paths(node, prefix=()):
+    """Every place in a JSON document: (keys and indices) tuples."""
+    yield prefix
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from paths(child, prefix + (key,))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+PLACES = [path for path in paths(example()) if path]
+
+
+@hypothesis.settings(max_examples=150)
+@hypothesis.given(st.sampled_from(PLACES), json_values | st.sampled_from([0, 1, 3, 5, 9, 2**31, "slave", "shm"]))
+def test_any_value_anywhere_is_accepted_or_refused_with_a_path_never_a_crash(where, value):
+    doc = mutated(where, value)
+    try:
+        plan.validate(doc)
+    except idpin.RequestError as err:
+        assert str(err).startswith("invalid plan: $"), str(err)

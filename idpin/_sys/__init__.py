@@ -15,13 +15,25 @@ import importlib
 import os
 import signal
 
+from typing import TYPE_CHECKING
+
 from ._abi import *  # noqa: F401,F403  (constants are part of the interface)
 from ._glibc import tid_cache_offset  # noqa: F401
+
+if TYPE_CHECKING:
+    # Type checkers read the interface off the ctypes twin (the Cython
+    # module, which has the same signatures, carries no type information);
+    # at run time use() puts the chosen backend's functions here.
+    from ._ctypes import (  # noqa: F401
+        clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
+        ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
+        pty_peer, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
     "clone3_fork",
     "clone3_probe",
+    "knob_fork",
     "prctl",
     "unshare",
     "setns",
@@ -37,9 +49,13 @@ INTERFACE = (
     "sem_getall",
     "msg_copy",
     "shm_read",
+    "record_write",
+    "record_read",
+    "record_remove",
     "pty_index",
     "pty_peer",
     "ptmx_walk",
+    "sigaction",
     # the parallel restore (idpin.restore)
     "clone3_sibling",
     "ipc_sem_setall",
@@ -96,6 +112,31 @@ def _load_default():
 
 
 _load_default()
+
+
+def _python_resumable_exit(self, exc_type, exc, tb):
+    """``__exit__`` of idpin's context managers, without the compiled extension.
+
+    The same as the extension's ``resumable_exit``, except that a Python
+    signal handler can still raise at this function's first instruction.
+    """
+    try:
+        return self._exit(exc_type, exc, tb)
+    except BaseException as first:
+        try:
+            self._exit(exc_type, exc, tb)
+        except BaseException as second:
+            if second is not first:
+                raise second from first
+        raise
+
+
+try:
+    # Control flow, not a syscall: taken from the extension whichever
+    # backend makes the syscalls.
+    from ._cython import resumable_exit
+except ImportError:
+    resumable_exit = _python_resumable_exit
 
 try:
     tid_cache_offset()

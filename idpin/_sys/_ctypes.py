@@ -122,6 +122,47 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
     return pid
 
 
+_fork_call = _libc_gil.fork
+_fork_call.restype = ctypes.c_int
+_getpid_call = _libc_gil.getpid
+
+
+def knob_fork(knob_fd, pid):
+    """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
+
+    CPython's fork protocol, as os.fork follows it, except that a child born
+    with another pid exits (status 125) before PyOS_AfterFork_Child, so it
+    runs nothing of the caller's, not even os.register_at_fork hooks.
+    Returns 0 in the child and the child's pid in the parent.
+    """
+    data = b"%d" % (pid - 1)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    _api.PyOS_BeforeFork()
+    try:
+        written = os.pwrite(knob_fd, data, 0)
+    except BaseException:
+        _api.PyOS_AfterFork_Parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if written != len(data):
+        _api.PyOS_AfterFork_Parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise OSError(errno.EIO, "short write of %d to a knob" % (pid - 1))
+    child = _fork_call()
+    if child == 0:
+        if _getpid_call() != pid:
+            os._exit(125)
+        _api.PyOS_AfterFork_Child()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return 0
+    code = ctypes.get_errno()
+    _api.PyOS_AfterFork_Parent()
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if child < 0:
+        raise OSError(code, "fork: %s" % os.strerror(code))
+    return child
+
+
 def clone3_probe(set_tid):
     """errno of a clone3(set_tid) that cannot create a child (set_tid in use).
 
@@ -168,8 +209,9 @@ def _bytes(value):
     return os.fsencode(value)
 
 
-def flock(fd, operation):
-    fcntl.flock(fd, operation)
+# The C function itself: no Python frame between a caller's cleanup path
+# and the syscall, where a signal handler could raise first.
+flock = fcntl.flock
 
 
 def knob_write(fd, value):
@@ -317,13 +359,80 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     Returns the id the kernel gave: ``want``, or the id of an object that
     existed only briefly (the kernel silently takes the next free index).
     """
-    knob_write(knob_fd, want)
-    got = ipc_get(kind, key, arg, flags)
-    if got != want:
-        ipc_remove(kind, got)
+    # One step to the caller, as in the Cython backend: no signal handler
+    # may run between creating a wrongly numbered object and removing it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        knob_write(knob_fd, want)
+        got = ipc_get(kind, key, arg, flags)
+        if got != want:
+            ipc_remove(kind, got)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return got
 
 
+class _MqAttr(ctypes.Structure):
+    _fields_ = [("mq_flags", ctypes.c_long), ("mq_maxmsg", ctypes.c_long),
+                ("mq_msgsize", ctypes.c_long), ("mq_curmsgs", ctypes.c_long)]
+
+
+_libc.mq_open.restype = ctypes.c_int
+_libc.mq_send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint]
+_libc.mq_receive.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mq_receive.restype = ctypes.c_ssize_t
+_libc.mq_unlink.argtypes = [ctypes.c_char_p]
+
+
+def record_write(name, data):
+    """Create the POSIX message queue ``name`` holding ``data`` as its one message.
+
+    POSIX message queues belong to the IPC namespace and count against
+    limits of their own, so a record can be written even when the SysV
+    limits leave no room. FileExistsError if the record exists.
+    """
+    payload = bytes(data)
+    attr = _MqAttr(0, 1, max(len(payload), 1), 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    queue = _libc.mq_open(os.fsencode(name), flags, ctypes.c_uint(0o600), ctypes.byref(attr))
+    if queue < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), name)
+    rc = _libc.mq_send(queue, payload, len(payload), 0)
+    code = ctypes.get_errno()
+    _libc.mq_close(queue)
+    if rc < 0:
+        record_remove(name)
+        raise OSError(code, "mq_send: %s" % os.strerror(code))
+
+
+def record_read(name):
+    """The message of the record ``name``, or None if there is none."""
+    queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if queue < 0:
+        code = ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        raise OSError(code, os.strerror(code), name)
+    try:
+        buf = ctypes.create_string_buffer(65536)
+        got = _libc.mq_receive(queue, buf, 65536, None)
+        if got < 0:
+            code = ctypes.get_errno()
+            if code == errno.EAGAIN:
+                return b""
+            raise OSError(code, "mq_receive: %s" % os.strerror(code))
+        return buf.raw[:got]
+    finally:
+        _libc.mq_close(queue)
+
+
+def record_remove(name):
+    """Remove the record ``name``; nothing if there is none."""
+    if _libc.mq_unlink(os.fsencode(name)) < 0:
+        code = ctypes.get_errno()
+        if code != errno.ENOENT:
+            raise OSError(code, os.strerror(code), name)
 _libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.shmat.restype = ctypes.c_void_p
@@ -429,3 +538,36 @@ def ptmx_walk(path, wanted):
 def _close_all(fds):
     for fd in fds:
         os.close(fd)
+
+
+class _Sigaction(ctypes.Structure):
+    # glibc's struct sigaction on x86-64 and aarch64 (not the kernel's).
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("mask", ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong)))),
+        ("flags", ctypes.c_int),
+        ("restorer", ctypes.c_void_p),
+    ]
+
+
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction)]
+
+
+def sigaction(signum, action):
+    """Set ``signum``'s disposition; return the previous one as (handler, saved).
+
+    See the Cython backend's docstring: None reads, an int sets that handler
+    with an empty mask and no flags, saved bytes are put back exactly.
+    """
+    new_ptr = None
+    if isinstance(action, bytes):
+        if len(action) != ctypes.sizeof(_Sigaction):
+            raise ValueError("a saved sigaction is %d bytes, not %d"
+                             % (ctypes.sizeof(_Sigaction), len(action)))
+        new_ptr = ctypes.pointer(_Sigaction.from_buffer_copy(action))
+    elif action is not None:
+        new_ptr = ctypes.pointer(_Sigaction(handler=int(action)))
+    old = _Sigaction()
+    if _libc.sigaction(signum, new_ptr, ctypes.byref(old)) != 0:
+        raise _oserror("sigaction")
+    return old.handler or 0, bytes(old)

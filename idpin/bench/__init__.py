@@ -2,6 +2,7 @@
 
     idpin bench race [--quick] [--plot] [--out DIR]
     idpin bench perf [--quick] [--plot] [--out DIR]
+    idpin bench faults [--quick] [--out DIR]
     idpin bench restore [--quick] [--out DIR]
 
 Everything runs in fresh namespaces (idpin.testing.run_in_namespaces): no
@@ -11,10 +12,11 @@ section in DIR/results.json and, with --plot, draws DIR/<suite>.png
 runs that check correctness invariants only (no wrong id from idpin, nothing
 left behind), never speed.
 
-Exit status: 0 when every invariant held, 1 when one broke, 2 when the
-tables were written but the plot could not be.
+Exit status: 0 when every invariant held, 1 when one broke, 2 when --plot
+cannot draw (matplotlib missing: found before the run; or broken) or for
+wrong usage.
 """
-import argparse
+import importlib.util
 import os
 import sys
 
@@ -25,12 +27,13 @@ from .report import write_results
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 
 
-def parser():
-    p = argparse.ArgumentParser(
-        prog="idpin bench", description="The race-condition suite and the performance benchmarks.")
-    sub = p.add_subparsers(dest="suite", required=True)
+def add_arguments(p):
+    """Add the suites, as subcommands, to the ``idpin bench`` parser ``p``."""
+    sub = p.add_subparsers(dest="suite", metavar="SUITE")
     for name, text in (("race", "wrong ids, refusals and leftovers of each strategy, under contention"),
                        ("perf", "idpin's cost as a ratio of its physical floor, measured side by side"),
+                       ("faults", "SIGKILLs and raising signal handlers at random points, per kind: "
+                                  "leftovers and silent wrong ids"),
                        ("restore", "a whole tree restored and verified, against the same tree forked plainly")):
         suite = sub.add_parser(name, help=text, description=text)
         suite.add_argument("--quick", action="store_true",
@@ -42,13 +45,20 @@ def parser():
             suite.add_argument("--sizes", metavar="N,N", help="tree sizes (default: 1000,10000)")
             suite.add_argument("--shapes", metavar="S,S", help="tree shapes (default: flat,mix,binary,chain)")
             suite.add_argument("--workers", metavar="W,W", help="restore workers (default: 1,2,4)")
-    return p
 
 
 def main(argv, out=None):
-    """Run ``idpin bench <argv>``; the exit status."""
-    out = out or sys.stdout
-    args = parser().parse_args(argv)
+    """Run ``idpin bench <argv>``; the exit status (the same as the command line's)."""
+    from .. import cli
+
+    return cli.main(["bench", *argv], out)
+
+
+def run(args, out):
+    """Run the suite ``args`` (parsed by ``idpin bench``) names; the exit status."""
+    if args.plot and plotting_missing():
+        out.write("--plot needs %s: install it with: pip install 'idpin[bench]'\n" % plotting_missing())
+        return 2
     # Found here once, so that namespace children inherit it instead of each
     # starting a probe thread (a worker with a thread cannot use clone3).
     _sys.tid_cache_offset()
@@ -56,7 +66,7 @@ def main(argv, out=None):
     for name, why in missing.items():
         out.write("note: the %s backend is not available (%s); its cells are skipped\n" % (name, why))
     section = SUITES[args.suite](args, backends)
-    section["command"] = "idpin bench " + " ".join(argv)
+    section["command"] = "idpin " + " ".join(args.argv)
     section["machine"] = machine.describe()
     section["machine_line"] = machine.one_line(section["machine"])
     section["mode"] = "quick" if args.quick else "full"
@@ -72,7 +82,8 @@ def main(argv, out=None):
 
 def run_race(args, backends):
     cells, seconds = race.run_suite(args.quick, backends)
-    return {"suite": "race", "seconds": seconds, "cells": cells, "violations": race.violations(cells)}
+    return {"suite": "race", "seconds": seconds, "cells": cells,
+            "violations": race.violations(cells, check_refusals=not args.quick)}
 
 
 def run_perf(args, backends):
@@ -86,6 +97,19 @@ def render_perf(section, out):
     from . import perf
 
     perf.render(section, out)
+
+
+def run_faults(args, backends):
+    from . import faults
+
+    rows, seconds = faults.run_suite(args.quick, backends)
+    return {"suite": "faults", "seconds": seconds, "rows": rows, "violations": faults.violations(rows)}
+
+
+def render_faults(section, out):
+    from . import faults
+
+    faults.render(section, out)
 
 
 def run_restore(args, backends):
@@ -110,12 +134,23 @@ def render_restore(section, out):
     restore_suite.render(section, out)
 
 
-SUITES = {"race": run_race, "perf": run_perf, "restore": run_restore}
-RENDER = {"race": race.render, "perf": render_perf, "restore": render_restore}
+SUITES = {"race": run_race, "perf": run_perf, "faults": run_faults, "restore": run_restore}
+RENDER = {"race": race.render, "perf": render_perf, "faults": render_faults, "restore": render_restore}
+
+
+def plotting_missing():
+    """What --plot lacks (None: nothing). Found without importing matplotlib:
+    its import can start threads, and the suites fork."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib, which is not installed"
+    return None
 
 
 def draw(suite, section, out_dir, out):
     """Draw the suite's chart; 0, or 2 when matplotlib is missing."""
+    if suite not in ("race", "perf"):
+        out.write("no plot: the %s suite has only its table\n" % suite)
+        return 0
     try:
         from . import plots
     except ImportError as err:

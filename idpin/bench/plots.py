@@ -83,9 +83,9 @@ def draw_perf(section, out_dir):
     ax.invert_yaxis()
     ax.axvline(1.0, color="gray", linewidth=0.5)
     ax.set_xlabel("ratio to the floor (rates: idpin/floor, higher is better; pty times: "
-                  "lower is better); black tick: target; green met, red missed, gray no target",
-                  fontsize=8)
-    ax.set_title("idpin perf: %s" % section["machine_line"], fontsize=9)
+                  "lower is better); black tick: target; green met, red missed, gray no target "
+                  "or not measured (quick)", fontsize=8)
+    ax.set_title("idpin perf (%s): %s" % (section["mode"], section["machine_line"]), fontsize=9)
     fig.tight_layout()
     return _save(fig, out_dir, "perf.png")
 

@@ -5,6 +5,7 @@ patched: idpin's own mechanisms call these, never the routed versions.
 """
 import os
 import pty
+import subprocess
 import threading
 
 ORIGINALS = {
@@ -14,4 +15,10 @@ ORIGINALS = {
     "pty.fork": pty.fork,
     "pty.openpty": pty.openpty,
     "threading.Thread.start": threading.Thread.start,
+    # What Thread.start calls to make the OS thread (CPython 3.11 and 3.12).
+    "threading._start_new_thread": threading._start_new_thread,  # type: ignore[attr-defined]  # private
+    "subprocess._fork_exec": subprocess._fork_exec,  # type: ignore[attr-defined]  # private
+    "os.posix_spawn": os.posix_spawn,
+    "os.posix_spawnp": os.posix_spawnp,
+    "os.system": os.system,
 }

@@ -16,9 +16,15 @@ namespace's):
 Without ``freeze`` the tree may change while it is read: the capture reads
 the process table again at the end and starts over (a few times) if the
 tree moved. ``freeze=True`` stops the tree with SIGSTOP first (bounded in
-time) and, whatever happens, resumes exactly the processes it stopped.
+time) and, whatever happens, resumes exactly the processes it stopped. The
+IPC objects are then consistent with the tree as long as no process outside
+it changes them; a capturing process killed while the tree is stopped leaves
+it stopped (resume it with SIGCONT). A stop is visible to the root's
+parent (SIGCHLD, waitpid with WUNTRACED): an interactive shell reports its
+job as stopped, and continued.
 """
 import base64
+import collections
 import contextlib
 import errno
 import os
@@ -108,8 +114,8 @@ def _capture_once(root):
     tree = _descendants(table, root)
     if root not in tree:
         _no_such_process(root)
-    instance = _caller_devpts()
-    processes = [_process(pid, table, root, instance) for pid in tree]
+    scope = _caller_devpts()
+    processes = [_process(pid, table, root, scope) for pid in tree]
     ipc = _ipc_objects()
     if _shape(table, root) != _shape(_process_table(), root):
         raise _TreeMoved()
@@ -150,13 +156,20 @@ def _process_table():
     return table
 
 
+def _is_live(table, pid):
+    return pid in table and (table[pid][0] not in _DEAD or _has_live_threads(pid))
+
+
 def _descendants(table, root):
-    """``root`` and its live descendants, parents before children, by pid within a level."""
+    """``root`` and its live descendants, parents before children, by pid within a level.
+
+    Empty if ``root`` is not a live process.
+    """
     children = {}
-    for pid, (state, ppid, _, _) in table.items():
-        if state not in _DEAD or _has_live_threads(pid):
+    for pid, (_, ppid, _, _) in table.items():
+        if _is_live(table, pid):
             children.setdefault(ppid, []).append(pid)
-    order, level = [], [root]
+    order, level = [], [root] if _is_live(table, root) else []
     while level:
         order.extend(level)
         level = sorted(child for pid in level for child in children.get(pid, ()))
@@ -171,13 +184,13 @@ def _has_live_threads(pid):
         return False
 
 
-def _process(pid, table, root, instance):
+def _process(pid, table, root, scope):
     _, ppid, pgid, sid = table[pid]
     try:
         tids = sorted(int(tid) for tid in os.listdir("/proc/%d/task" % pid))
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             raw = f.read()
-        fds = _pty_fds(pid, instance)
+        fds = _pty_fds(pid, scope)
     except (FileNotFoundError, ProcessLookupError):
         raise _TreeMoved() from None
     except PermissionError:
@@ -198,17 +211,22 @@ def _process(pid, table, root, instance):
 
 # ---------------------------------------------------------------- ptys
 
+PtyScope = collections.namedtuple("PtyScope", "dev devpts_devs")
+PtyScope.__doc__ = """The caller's devpts instance (its device) and the devices of every devpts mount."""
+
+
 def _caller_devpts():
     try:
-        return _pty.find_instance()
+        instance = _pty.find_instance()
     except UnsupportedError:
         return None  # no devpts here: no fd can be a pty a restore could give back
+    return PtyScope(instance.dev, frozenset(dev for dev, *_ in _pty._devpts_mounts()))
 
 
-def _pty_fds(pid, instance):
-    """{fd: {"pty": index, "end": ...}} for the fds of ``pid`` that are ptys of ``instance``."""
+def _pty_fds(pid, scope):
+    """{fd: {"pty": index, "end": ...}} for the fds of ``pid`` that are ptys of the caller's instance."""
     found = {}
-    if instance is None:
+    if scope is None:
         return found
     for name in os.listdir("/proc/%d/fd" % pid):
         link = "/proc/%d/fd/%s" % (pid, name)
@@ -216,7 +234,7 @@ def _pty_fds(pid, instance):
             # stat follows the fd's own file: it never opens it (opening a
             # ptmx fd's path would allocate a new pty).
             st = os.stat(link)
-            held = _pty_end(pid, name, link, st, instance) if stat.S_ISCHR(st.st_mode) else None
+            held = _pty_end(pid, name, link, st, scope) if stat.S_ISCHR(st.st_mode) else None
         except (FileNotFoundError, PermissionError):
             continue  # closed meanwhile, or not a file this caller may inspect
         if held is not None:
@@ -224,22 +242,24 @@ def _pty_fds(pid, instance):
     return dict(sorted(found.items(), key=lambda item: int(item[0])))
 
 
-def _pty_end(pid, fd, link, st, instance):
+def _pty_end(pid, fd, link, st, scope):
     major = os.major(st.st_rdev)
-    if major in UNIX98_PTY_SLAVE_MAJORS and st.st_dev == instance.dev:
+    if major in UNIX98_PTY_SLAVE_MAJORS and st.st_dev == scope.dev:
         return {"pty": (major - UNIX98_PTY_SLAVE_MAJORS[0]) * 256 + os.minor(st.st_rdev), "end": "slave"}
-    if st.st_rdev == PTMX_DEVICE and _ptmx_instance_dev(link, st) == instance.dev:
+    if st.st_rdev == PTMX_DEVICE and _ptmx_instance_dev(link, st, scope) == scope.dev:
         with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
             for line in f:
                 if line.startswith("tty-index:"):
                     return {"pty": int(line.split()[1]), "end": "master"}
+        raise UnsupportedError("this kernel does not say which pty a ptmx fd holds "
+                               "(no tty-index in /proc/%d/fdinfo/%s)" % (pid, fd))
     return None
 
 
-def _ptmx_instance_dev(link, st):
+def _ptmx_instance_dev(link, st, scope):
     # pts/ptmx (or a bind mount of it) lives in its instance; the legacy
     # /dev/ptmx node uses the devpts mounted beside it, as path lookup finds it.
-    if any(dev == st.st_dev for dev, *_ in _pty._devpts_mounts()):
+    if st.st_dev in scope.devpts_devs:
         return st.st_dev
     try:
         return _pty.find_instance(os.readlink(link)).dev
@@ -363,11 +383,16 @@ def _stop(pid, listed, stopped, already):
         if fields is not None and fields[0] in _STOPPED:
             already.add(pid)
         return False
-    stopped[pid] = pidfd
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
     except ProcessLookupError:
+        os.close(pidfd)
         return False
+    except PermissionError:
+        os.close(pidfd)
+        raise UnsupportedError("cannot stop process %d: not allowed to signal it; capture with "
+                               "--freeze as its owner or as root" % pid) from None
+    stopped[pid] = pidfd
     return True
 
 

@@ -20,10 +20,8 @@ EXEC_NOTE = ("note: --exec execs each process's cmdline plainly: idpin has no su
              "so what the programs fork or create later gets ordinary ids, not the plan's 'next' ids\n")
 
 
-def add_parser(sub):
-    p = sub.add_parser("restore", help="recreate a plan's process tree with exactly its ids",
-                       description="Recreate a plan's process tree, IPC objects and ptys with "
-                                   "exactly its ids, verify every id, then hold the tree.")
+def add_arguments(p):
+    """The options of ``idpin restore`` (registered in idpin.cli)."""
     p.add_argument("plan", help="the plan (JSON, as written by 'idpin capture')")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="helpers that split each wide level of the tree (default: 1)")
@@ -37,7 +35,6 @@ def add_parser(sub):
     p.add_argument("--detach", action="store_true",
                    help="leave the tree running and exit (default: hold it until the root exits "
                         "or Ctrl-C)")
-    return p
 
 
 def main(args, out):
