@@ -48,6 +48,7 @@ def add_arguments(p):
         if name == "restore":
             suite.add_argument("--sizes", metavar="N,N", help="tree sizes (default: 1000,10000)")
             suite.add_argument("--shapes", metavar="S,S", help="tree shapes (default: flat,mix,binary,chain)")
+            suite.add_argument("--workers", metavar="W,W", help="restore workers (default: 1,2,4)")
 
 
 def main(argv, out=None):
@@ -124,7 +125,9 @@ def run_restore(args, backends):
 
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else None
     shapes = tuple(args.shapes.split(",")) if args.shapes else None
-    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint, sizes, shapes)
+    worker_counts = tuple(int(w) for w in args.workers.split(",")) if args.workers else None
+    rows, seconds = restore_suite.run_suite(args.quick, backends, checkpoint, sizes, shapes,
+                                            worker_counts)
     return {"suite": "restore", "seconds": seconds, "rows": rows,
             "violations": restore_suite.violations(rows), "targets": restore_suite.targets(rows)}
 

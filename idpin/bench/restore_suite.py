@@ -253,7 +253,7 @@ def in_namespaces(measure, backend, *args):
 
 # -- the suite ---------------------------------------------------------------
 
-def run_suite(quick, backends, checkpoint=None, sizes=None, shapes=None):
+def run_suite(quick, backends, checkpoint=None, sizes=None, shapes=None, worker_counts=None):
     """Rows of measurements; (rows, seconds). ``checkpoint(rows)`` after each row.
 
     The largest trees first (the issue's targets are theirs), the deep chain
@@ -265,7 +265,7 @@ def run_suite(quick, backends, checkpoint=None, sizes=None, shapes=None):
     if unknown:
         raise SystemExit("idpin bench restore: unknown shapes %s (known: %s)"
                          % (", ".join(sorted(unknown)), ", ".join(SHAPES)))
-    worker_counts = QUICK_WORKERS if quick else FULL_WORKERS
+    worker_counts = worker_counts or (QUICK_WORKERS if quick else FULL_WORKERS)
     try:
         shared, workdir = floor_build.build("tree_floor")
     except floor_build.FloorUnavailable as err:

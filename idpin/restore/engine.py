@@ -33,8 +33,10 @@ BASE_TIMEOUT = 30.0
 PER_ITEM_TIMEOUT = 0.05
 # How often the restorer tells the caller how far it got.
 PROGRESS_EVERY = 0.1
-# Bounded waits of the teardown.
+# Bounded waits of the teardown: killing and reaping 10,000 tasks on a loaded
+# 2-core machine takes a while.
 TEARDOWN_SECONDS = 20.0
+PER_TASK_TEARDOWN = 0.02
 _NEW_NAMESPACES = _sys.CLONE_NEWUSER | _sys.CLONE_NEWPID | _sys.CLONE_NEWIPC | _sys.CLONE_NEWNS
 # Commands from the caller to the restorer (one byte each).
 TEAR_DOWN, DETACH = b"T", b"D"
@@ -97,7 +99,7 @@ class Tree:
         self._open = False
         _send(self._to, TEAR_DOWN)
         _close_quietly(self._to)
-        _wait_restorer(self.restorer, self._from)
+        _wait_restorer(self.restorer, self._from, len(self.plan["processes"]))
         _close_quietly(self._from)
 
     def __enter__(self):
@@ -123,9 +125,13 @@ def _close_quietly(*fds):
             pass
 
 
-def _wait_restorer(pid, from_restorer):
+def teardown_seconds(tasks):
+    return TEARDOWN_SECONDS + PER_TASK_TEARDOWN * tasks
+
+
+def _wait_restorer(pid, from_restorer, tasks):
     """Reap the restorer; it tears down first. Bounded: killed if it hangs."""
-    deadline = time.monotonic() + TEARDOWN_SECONDS
+    deadline = time.monotonic() + teardown_seconds(tasks) + TEARDOWN_SECONDS
     while time.monotonic() < deadline:
         try:
             got, _ = os.waitpid(pid, os.WNOHANG)
@@ -223,7 +229,7 @@ def start(job):
         info = _await_ready(job, restorer, from_read, deadline)
     except BaseException:
         _close_quietly(to_write)
-        _wait_restorer(restorer, from_read)
+        _wait_restorer(restorer, from_read, len(job.plan["processes"]))
         _close_quietly(from_read)
         raise
     return Tree(job.plan, not job.here, restorer, to_write, from_read, info)
@@ -247,7 +253,7 @@ def _await_ready(job, restorer, from_read, deadline):
             elif message[0] == "ready":
                 return message[1]
             elif message[0] == "failed":
-                _wait_restorer(restorer, from_read)
+                _wait_restorer(restorer, from_read, len(job.plan["processes"]))
                 raise _failure(*message[1:])
 
 
@@ -553,7 +559,7 @@ class Restorer:
 
     def tear_down(self):
         """Kill and reap everything; remove the IPC objects made here. Bounded."""
-        deadline = time.monotonic() + TEARDOWN_SECONDS
+        deadline = time.monotonic() + teardown_seconds(len(self.layout.process_pids))
         if not self.fresh:
             self.let_ipc_worker_finish(deadline)
         while time.monotonic() < deadline:
