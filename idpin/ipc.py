@@ -32,13 +32,14 @@ __all__ = [
 import collections
 import errno
 import json
+import time
 import operator
 import os
 from collections.abc import Iterable
 from typing import Any
 
 from . import _sys, knobs, pids, tids
-from .errors import IdBusyError, RequestError, UnsupportedError
+from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
@@ -108,6 +109,10 @@ def _clean_up_after_dead_holders(lock):
 # else's object and removed.
 THROWAWAY_KEY = 0x49445049  # "IDPI"
 THROWAWAY_MODE = 0o000
+# Pinned creations tried again when a creation outside idpin's lock took the
+# knob but the id is free again: at most this many, within this many seconds.
+RETRY_ATTEMPTS = 64
+RETRY_SECONDS = 0.5
 
 
 def _reclaim_throwaway(kind):
@@ -589,6 +594,20 @@ def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
     rather than return that object's id (which would then look wrong and be
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
     """
+    deadline = time.monotonic() + RETRY_SECONDS
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        got = _create_pinned_once(kind, value, key, arg, flags)
+        if got is None or got == value:
+            return got
+        # A creation outside idpin's lock consumed the knob (and got the id,
+        # or moved on): only an id still taken afterwards is busy.
+        if time.monotonic() >= deadline or not _free_soon(kind, value):
+            break
+    raise _wrong_id_error(kind, value, got)
+
+
+def _create_pinned_once(kind, value, key, arg, flags):
+    """One pinned creation: the id (``value`` or a wrong one, already removed) or None."""
     ns = ipc_lock()
     checked = False
     try:
@@ -599,12 +618,24 @@ def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
             checked = True  # from here, an object at ``value`` is this call's
             got = _create_pinned_checked(ns, kind, value, key, arg, flags)
         return got
+    except (IdpinError, OSError):
+        raise  # refused before or by the creation: nothing of this call exists
     except BaseException:
         if checked:
-            # However far it got (a signal handler may have raised once the
-            # object existed, even after the lock was released): no object.
+            # A signal handler's exception, however far it got (even after
+            # the lock was released): no object.
             _sys.finish(_undo_created, kind, value, None)
         raise
+
+
+def _free_soon(kind, value):
+    """Whether ``value``'s index is free, or becomes free within the busy re-check time."""
+    deadline = time.monotonic() + pids.BUSY_RECHECK_SECONDS
+    while _holder(kind, value) != -1:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+    return True
 
 
 def _create_pinned_checked(ns, kind, value, key, arg, flags):
@@ -627,7 +658,7 @@ def _create_pinned_checked(ns, kind, value, key, arg, flags):
         raise
     if got != value:
         restore_knob(kind, ns)
-        raise _wrong_id_error(kind, value, got)
+        return got  # removed already: the caller decides whether to try again
     ns.armed.pop(KNOB[kind], None)  # consumed
     ns.note(kind, got)
     return got
