@@ -874,19 +874,7 @@ def resumable_exit(self, exc_type, exc, tb):
     of what the first began, up to EXIT_ATTEMPTS calls; then the first
     exception propagates. The loop is C: no handler runs between the calls.
     """
-    cdef int attempt
-    first = None
-    for attempt in range(EXIT_ATTEMPTS):
-        try:
-            result = self._exit(exc_type, exc, tb)
-        except BaseException as err:
-            if first is None:
-                first = err
-            continue
-        if first is None:
-            return result
-        break
-    raise first
+    return finish(self._exit, exc_type, exc, tb)
 
 
 # Calls of a resumable exit before its first exception propagates: each

@@ -322,24 +322,16 @@ def census(kind):
     return objects
 
 
-class _IpcBlock:
-    """What an IPC block holds; its exit (disarm) undoes exactly what is recorded here."""
-
-    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "alone", "starts", "cursor")
+class _IpcBlock(knobs.BlockHold):
+    __slots__ = ("alone", "starts")
 
     def __init__(self, ns):
-        self.ns = ns
-        self.held = False
-        self.before = None
-        self.routed = None
-        self.settled = False
-        self.cleaned = False
+        super().__init__(ns)
         # Whether this thread was the process's only one, and how many
         # threads threading had started: an unrouted creation can be this
         # thread's only if no other thread could have made it.
         self.alone = pids.thread_count() == 1
         self.starts = tids.thread_starts()
-        self.cursor = None
 
 
 def arm(req, kind):

@@ -422,6 +422,28 @@ class Namespace:
         self._knobs = {}
 
 
+class BlockHold:
+    """What a request block of a knob kind holds; its exit undoes exactly what is recorded.
+
+    Recorded before anything is taken (``held`` once the lock is), so that an
+    exception at any point, a signal handler's included, leaves the exit
+    something exact to undo; ``settled`` and ``cleaned`` make the exit
+    resumable. ``before`` is the census taken at entry, ``routed`` the
+    watcher of routed allocations, ``cursor`` the knob value found at entry.
+    """
+
+    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "cursor")
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.held = False
+        self.before = None
+        self.routed = None
+        self.settled = False
+        self.cleaned = False
+        self.cursor = None
+
+
 class Watcher:
     __slots__ = ("made",)
 

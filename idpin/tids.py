@@ -66,26 +66,11 @@ def _write_tid_knob(ns, tid):
         raise
 
 
-class _TidBlock:
-    """What a tid block holds; its exit (disarm) undoes exactly what is recorded here."""
-
-    __slots__ = ("ns", "held", "before", "routed", "settled", "cleaned", "cursor")
-
-    def __init__(self, ns):
-        self.ns = ns
-        self.held = False
-        self.before = None
-        self.routed = None
-        self.settled = False
-        self.cleaned = False
-        self.cursor = None
-
-
 def arm(req, kind):
     ns = knobs.namespace_lock("pid")
     # Recorded before anything is taken, so that an exception at any point
     # (a signal handler's included) leaves disarm something exact to undo.
-    req.armed["tid"] = block = _TidBlock(ns)
+    req.armed["tid"] = block = knobs.BlockHold(ns)
     ns.acquire()
     block.held = True
     with ns.alloc:  # no thread start between the census and the arming

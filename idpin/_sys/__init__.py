@@ -132,18 +132,7 @@ def _python_resumable_exit(self, exc_type, exc, tb):
     signal handler can still raise at this function's first instruction and
     between its calls.
     """
-    first = None
-    for _ in range(16):
-        try:
-            result = self._exit(exc_type, exc, tb)
-        except BaseException as err:  # noqa: B902 - finished by the next call
-            if first is None:
-                first = err
-            continue
-        if first is None:
-            return result
-        break
-    raise first
+    return _python_finish(self._exit, exc_type, exc, tb)
 
 
 def _python_finish(fn, *args):
