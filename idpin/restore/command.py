@@ -16,8 +16,9 @@ import sys
 
 from ..errors import IdpinError
 
-EXEC_NOTE = ("note: --exec execs each process's cmdline plainly: idpin has no supervisor yet, "
-             "so what the programs fork or create later gets ordinary ids, not the plan's 'next' ids\n")
+EXEC_NOTE = ("note: --exec execs each process's cmdline plainly, not yet under idpin's supervisor "
+             "('idpin run'), so what the programs fork or create later gets ordinary ids, not the "
+             "plan's 'next' ids\n")
 
 
 def add_arguments(p):
