@@ -284,8 +284,13 @@ def put_back_recorded_limits():
 
 
 def _holder(kind, id):
-    """The id holding ``id``'s index, or -1."""
-    return _sys.ipc_stat_index(CODE[kind], index_of(id))
+    """The id holding ``id``'s index, or -1 (also for an object being removed just now)."""
+    try:
+        return _sys.ipc_stat_index(CODE[kind], index_of(id))
+    except OSError as err:
+        if err.errno == errno.EIDRM:
+            return -1  # being removed (EIDRM): the pinned creation itself will tell
+        raise
 
 
 def _busy_error(kind, id, holder):
