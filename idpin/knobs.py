@@ -34,7 +34,7 @@ import os
 import threading
 import time
 
-from . import _sys
+from . import _sys, signals
 from .errors import NEEDS_NAMESPACE_HINT, LockTimeoutError, UnsupportedError
 
 DEFAULT_LOCK_TIMEOUT = 5.0
@@ -56,6 +56,7 @@ def _timeout_from_environment():
     return value
 
 
+signals.shield_module(__name__)
 _lock_timeout = _timeout_from_environment()
 
 
@@ -261,8 +262,9 @@ class _Held:
 def wait_for_flock(fd, lock, timeout=None):
     """flock(LOCK_EX) on ``fd``, waiting at most ``timeout`` (default: lock_timeout()).
 
-    Polled with LOCK_NB and short sleeps, so the wait is bounded and a signal
-    handler that raises finds nothing half-done.
+    Polled with LOCK_NB and short sleeps, so the wait is bounded; signals
+    that arrive meanwhile are handled between two polls, where an exception
+    finds nothing half-done (Ctrl-C ends the wait at once).
     """
     try:
         _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,6 +279,7 @@ def wait_for_flock(fd, lock, timeout=None):
         if remaining <= 0:
             raise LockTimeoutError(lock.describe(), limit, lock_holders(lock.inode))
         time.sleep(min(delay, remaining))
+        signals.deliver_here()
         delay = min(delay * 2, 2e-3)
         try:
             _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

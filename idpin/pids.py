@@ -21,10 +21,19 @@ import os
 import signal
 import time
 
-from . import _sys, knobs
+from . import _sys, knobs, signals
 from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, uncredit, validate_int
+
+signals.shield_module(__name__)
+
+
+def undo_fork(child):
+    """A held signal's handler raised as the fork returned: the caller never gets the child."""
+    if child > 0:
+        undo_child(child)
+        uncredit("pid", child)
 
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
@@ -118,6 +127,7 @@ def thread_count() -> int:
         return threading.active_count()
 
 
+@signals.door(undo=undo_fork)
 def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     """Fork; the child gets ``pid`` (or this thread's pending pid request).
 

@@ -12,8 +12,10 @@ third-party libraries), an ``arm``/``disarm`` pair run at block entry and exit.
 import os
 import threading
 
-from . import _sys
+from . import _sys, signals
 from .errors import Id, RequestError
+
+signals.shield_module(__name__)
 
 _local = threading.local()
 
@@ -53,6 +55,7 @@ class Request:
     def __repr__(self) -> str:
         return "idpin.request(%s)" % ", ".join("%s=%r" % kv for kv in self.ids.items())
 
+    @signals.door(undo=lambda self: self._unwind())
     def __enter__(self) -> "Request":
         if self._state != "new":
             raise RuntimeError(
@@ -191,6 +194,16 @@ def enclosing_pending_request(req, kind):
 
 def consume(req, kind, value):
     req.consumed[kind] = value
+
+
+def uncredit(kind, value):
+    """An allocation credited to a request of this thread was undone: the request is
+    pending again. Whether one was credited with it."""
+    for req in reversed(getattr(_local, "stack", None) or ()):
+        if req.consumed.get(kind) == value:
+            del req.consumed[kind]
+            return True
+    return False
 
 
 def _forget_in_child():

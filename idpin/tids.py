@@ -21,10 +21,12 @@ import os
 import threading
 import time
 
-from . import _sys, knobs, pids
+from . import _sys, knobs, pids, signals
 from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind
+
+signals.shield_module(__name__)
 
 # Starts retried when a fork outside the lock moved the cursor without
 # taking the tid: at most this many attempts, within this many seconds.
@@ -141,6 +143,7 @@ def _settle_unrouted(req, before, routed):
         )
 
 
+@signals.door()  # a started thread cannot be taken back: handlers run after
 def start_thread(thread: threading.Thread) -> None:
     """threading.Thread.start, honouring this thread's pending tid request."""
     found = pending("tid")
@@ -161,6 +164,7 @@ def start_thread(thread: threading.Thread) -> None:
     req.consumed["tid"] = tid
 
 
+@signals.door()
 def start_new_thread(function, args, kwargs=None):
     """threading's _start_new_thread: a pinned start goes through a carrier."""
     global _starts

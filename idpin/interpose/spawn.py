@@ -90,7 +90,7 @@ import threading
 # _signal's is the same C function without the conversion.
 from _signal import pthread_sigmask as _pthread_sigmask
 
-from .. import _sys, pids
+from .. import _sys, pids, signals
 from ..errors import UnsupportedError
 from ..request import consume, pending
 from . import ORIGINALS
@@ -113,9 +113,15 @@ _SPAWN_KEYWORDS = ("file_actions", "setpgroup", "resetids", "setsid", "setsigmas
                    "scheduler")
 
 
+signals.shield_module(__name__)
+
+
 # ------------------------------------------------------------------ routes
 
-
+# A held signal's handler raising as a process creation returns: the caller
+# never gets the process, so it is killed and reaped (and a pid request that
+# was credited with it is pending again).
+@signals.door(undo=pids.undo_fork)
 def fork_exec(*args):
     found = pending("pid")
     if found is None:
@@ -123,6 +129,7 @@ def fork_exec(*args):
     return create_pinned(found, PopenChild(args)).pid
 
 
+@signals.door(undo=pids.undo_fork)
 def posix_spawn(*args, **kwargs):
     found = pending("pid")
     if found is None:
@@ -132,6 +139,7 @@ def posix_spawn(*args, **kwargs):
     return _spawn_or_raise(found, child)
 
 
+@signals.door(undo=pids.undo_fork)
 def posix_spawnp(*args, **kwargs):
     found = pending("pid")
     if found is None:
@@ -141,6 +149,7 @@ def posix_spawnp(*args, **kwargs):
     return _spawn_or_raise(found, child)
 
 
+@signals.door()  # the command has run: handlers run after, as after os.system
 def system(command):
     found = pending("pid")
     if found is None:
