@@ -89,7 +89,7 @@ def _validator(kind):
 
 def ipc_lock():
     """The IPC namespace's Namespace; its lock takes the pid namespace's first."""
-    return knobs.namespace_lock("ipc", on_acquire=_clean_up_after_dead_holders)
+    return knobs.namespace_lock("ipc")
 
 
 def _clean_up_after_dead_holders(lock):
@@ -106,6 +106,9 @@ def _clean_up_after_dead_holders(lock):
         _reclaim_throwaway(kind)
         if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
             consume_knob(kind, ns)
+
+
+knobs.ON_ACQUIRE["ipc"] = _clean_up_after_dead_holders
 
 
 # idpin's own throwaway objects carry this key and mode, so that one left by
@@ -495,7 +498,10 @@ def _undo_pinned_creation(kind):
         # Only a creation a request was credited with is surely this call's:
         # without IPC_EXCL, a plain one may have found an existing object.
         if uncredit(kind, id):
-            _undo_created(kind, id, None)
+            ns = ipc_lock()
+            with ns.held(), ns.alloc:
+                _undo_created(kind, id, None)
+                restore_knob(kind, ns)  # pending again: armed again if its block armed it
 
     return undo
 

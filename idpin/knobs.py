@@ -343,6 +343,9 @@ class Namespace:
         self.label = label
         self.alloc = allocating(label)
         self.armed = {}
+        # (cursor found, values armed) this process recorded for a successor
+        # should it be killed with ns_last_pid armed (pids.record_cursor).
+        self.cursor_record = None
         self._watchers = {}
         self._steering = threading.local()
         self._knobs = {}
@@ -483,13 +486,25 @@ def write_knob(fd, name, value):
 
 # The lock order: a lock may be taken only after its ``before``.
 _BEFORE = {"ipc": "pid"}
+# What taking each kind's lock must do first (undo what a holder killed while
+# holding it left behind): set by the module owning the kind's knobs.
+ON_ACQUIRE = {}
 
 
-def namespace_lock(kind, on_acquire=None):
+def namespace_lock(kind):
     """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
     before = _BEFORE.get(kind)
     before_lock = namespace_lock(before).lock if before else None
-    return _namespace_for("/proc/self/ns/" + kind, kind, on_acquire, before_lock)
+    return _namespace_for("/proc/self/ns/" + kind, kind, _call_on_acquire(kind), before_lock)
+
+
+def _call_on_acquire(kind):
+    def on_acquire(lock):
+        hook = ON_ACQUIRE.get(kind)
+        if hook is not None:
+            hook(lock)
+
+    return on_acquire
 
 
 def directory_lock(path, label):

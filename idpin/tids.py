@@ -81,6 +81,7 @@ def arm(req, kind):
         # The cursor as the namespace had it: put back if the block ends
         # with the tid unused, so no later allocation takes it unasked.
         block.cursor = _sys.knob_read(ns.knob("ns_last_pid"))
+        pids.record_cursor(ns, req.ids["tid"] - 1, block.cursor)
         _arm_knob(ns, req.ids["tid"])
 
 
@@ -115,9 +116,11 @@ def _settle_and_clean(req, block):
                 if outer is not None:
                     # What the inner block made is not the outer block's to judge.
                     outer.armed["tid"].before = _tasks()
+                    pids.record_cursor(ns, outer.ids["tid"] - 1)
                     _arm_knob(ns, outer.ids["tid"])
                 elif block.cursor is not None:
                     _put_back_cursor(ns, req.ids["tid"] - 1, block.cursor)
+                pids.forget_cursor(ns)
             block.cleaned = True
 
 
@@ -156,11 +159,13 @@ def start_thread(thread: threading.Thread) -> None:
     with ns.held(), ns.alloc:
         _pinned.start = (ns, tid)
         try:
+            pids.record_cursor(ns, tid - 1)
             ORIGINALS["threading.Thread.start"](thread)
         finally:
             _pinned.start = None
             # Consumed (or lost): nothing of this block stays armed.
             ns.armed.pop("ns_last_pid", None)
+            pids.forget_cursor(ns)
     req.consumed["tid"] = tid
 
 

@@ -57,25 +57,9 @@ def reap_everything():
 # -- items 3 and 4 at random points ------------------------------------------------------
 
 
-# What the random-point series can still find, open in issue 7 (each is
-# described in the issue's note; `idpin bench faults` counts them). Such a
-# leftover makes the series an expected failure that names it; a wrong id is
-# never expected, and the deterministic tests below gate every item.
-OPEN_LEFTOVERS = {
-    "kill": "a SIGKILLed holder's armed ns_last_pid (knob-path fork, tid block) is handed to "
-            "the next fork in the namespace: nothing records the cursor it replaced",
-    "interrupt": "a handler raising just after a C call that opened an fd (the devpts "
-                 "directory lock's open; the ctypes twin's ptmx walk and fork steps) loses it",
-    "storm": "handlers raising again and again during idpin's own cleanup can still leave a "
-             "lock, an fd or a child behind (cleanup is resumable only where it runs under "
-             "_sys.finish or _sys.resumable_exit)",
-}
-
-
 def assert_clean(tally):
-    assert tally["wrong"] == 0, describe(tally)
-    if tally["dirty"]:
-        pytest.xfail("open in issue 7: %s\n%s" % (OPEN_LEFTOVERS[tally["fault"]], describe(tally)))
+    # Every leftover and every wrong id fails: nothing of the series is expected.
+    assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
 
 
 @pytest.mark.parametrize("kind", faults.KINDS)

@@ -613,6 +613,8 @@ def leftovers(limits, fds_before, wanted_pids, other_thread=None):
         problems.append("pty indices %s left open" % ptys)
     if knobs.any_held():
         problems.append("idpin.knobs.any_held() is true with no block active")
+    for name in testing.records_left():
+        problems.append("idpin's record %s (a POSIX message queue) left" % name)
     for path in held_lock_files():
         holders = ["pid %d" % pid for pid, inode in flocks()
                    if inode.endswith(":%d" % os.stat(path).st_ino)]
