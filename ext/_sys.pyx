@@ -998,6 +998,24 @@ def record_read(name):
         mq_close(queue)
 
 
+def record_exists(name):
+    """Whether the record ``name`` exists (its message, if any, left in place)."""
+    bname = os.fsencode(name)
+    cdef const char *cname = bname
+    cdef mqd_t queue
+    cdef int code
+    with nogil:
+        queue = mq_open(cname, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        code = errno
+        if queue >= 0:
+            mq_close(queue)
+    if queue >= 0:
+        return True
+    if code == 2:  # ENOENT
+        return False
+    raise _stdlib_error(code, name)
+
+
 def record_remove(name):
     """Remove the record ``name``; nothing if there is none."""
     bname = os.fsencode(name)

@@ -44,8 +44,6 @@ from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
 from .request import (Kind, consume, enclosing_pending_request, pending, register_kind, uncredit,
                       validate_int)
 
-signals.shield_module(__name__)
-
 IPC_PRIVATE = _sys.IPC_PRIVATE
 IPC_CREAT = _sys.IPC_CREAT
 IPC_EXCL = _sys.IPC_EXCL

@@ -55,8 +55,6 @@ def _timeout_from_environment():
         )
     return value
 
-
-signals.shield_module(__name__)
 _lock_timeout = _timeout_from_environment()
 
 
@@ -254,6 +252,7 @@ class _Held:
     # C-level when the extension is built: see _sys.resumable_exit.
     __exit__ = _sys.resumable_exit
 
+    @signals.exit_steps
     def _exit(self, *exc):
         self.lock.release()  # resumable
         return False

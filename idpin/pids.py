@@ -26,8 +26,6 @@ from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, IdpinError, RequestEr
 from .interpose import ORIGINALS
 from .request import Kind, pending, register_kind, uncredit, validate_int
 
-signals.shield_module(__name__)
-
 
 def undo_fork(child):
     """A held signal's handler raised as the fork returned: the caller never gets the child."""

@@ -25,8 +25,6 @@ from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
 from .request import Kind, pending, register_kind, uncredit, validate_int
 
-signals.shield_module(__name__)
-
 PTMX = "/dev/ptmx"
 # fds the walk must leave free for the caller and for the interpreter itself.
 _FD_HEADROOM = 16

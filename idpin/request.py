@@ -15,8 +15,6 @@ import threading
 from . import _sys, signals
 from .errors import Id, RequestError
 
-signals.shield_module(__name__)
-
 _local = threading.local()
 
 
@@ -80,6 +78,7 @@ class Request:
     # raise between the with statement and the unwinding: _sys.resumable_exit.
     __exit__ = _sys.resumable_exit
 
+    @signals.exit_steps
     def _exit(self, exc_type, exc, tb):
         if self._state == "forked":
             # This is a forked child's copy of the block: the knobs and locks

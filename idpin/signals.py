@@ -12,9 +12,10 @@ signal stays pending:
 - ``import idpin`` routes ``signal.signal`` (and ``getsignal``), so that every
   Python handler is called through a ``HeldInsideIdpin`` wrapper (handlers
   installed before the import are wrapped then). A signal that arrives while
-  the main thread runs idpin's code (a frame of a module that called
-  ``shield_module``, or any code those frames called) is held: the wrapper
-  notes it and returns.
+  the main thread is inside a call through one of idpin's doors (public
+  functions, the routed stdlib calls, a request block's ``__enter__`` and
+  ``__exit__``), whatever code that call runs, is held: the wrapper notes it
+  and returns.
 - Held signals are delivered where an exception is harmless: at the door
   through which the call leaves idpin (``door``), or at a point inside where
   an exception is handled like any other (``deliver_here``: a bounded wait).
@@ -34,8 +35,14 @@ import functools
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["door", "deliver_here", "shield_module", "install", "uninstall"]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+__all__ = ["door", "exit_steps", "deliver_here", "install", "uninstall"]
 
 ORIGINAL_SIGNAL = signal.signal
 ORIGINAL_GETSIGNAL = signal.getsignal
@@ -43,32 +50,44 @@ ORIGINAL_GETSIGNAL = signal.getsignal
 # Python): delivery must not run more Python than it needs.
 _c_getsignal = _signal.getsignal
 
-# Source files whose frames hold signals back (idpin's modules with steps).
-_SHIELDED_FILES = set()
-# Code that holds signals although its file does not: the doors, and the
-# delivery itself (a signal arriving while a handler runs waits for it to
-# return, as a signal is blocked during its own handler).
-_SHIELDED_CODES = set()
+# Code inside which signals are held: the doors, the steps of the C-level
+# ``__exit__`` (which has no frame of its own), and the delivery itself (a
+# signal arriving while a handler runs waits for it to return, as a signal
+# is blocked during its own handler).
+_SHIELDED_CODES: set[Any] = set()
 # signum -> the frame it arrived in, in arrival order; a signal arriving again
 # while held is one pending signal, as with sigprocmask.
-held = {}
+held: dict[int, FrameType | None] = {}
 _MAIN_THREAD = threading.main_thread().ident
 _wrapper_active = False
 
 
-def shield_module(name):
-    """Hold signals while any function of module ``name`` runs in the main thread."""
-    _SHIELDED_FILES.add(sys.modules[name].__file__)
-
-
 def inside_idpin(frame):
-    """Whether ``frame`` (the main thread's, innermost first) is inside idpin's steps."""
+    """Whether ``frame`` (the main thread's, innermost first) is inside a call through a door.
+
+    Only door calls hold signals, because only they are sure to deliver them
+    on the way out; idpin's internals called another way (the restore
+    engine, the supervisor, tests) run handlers at once, as Python does.
+    """
     while frame is not None:
-        code = frame.f_code
-        if code in _SHIELDED_CODES or code.co_filename in _SHIELDED_FILES:
+        if frame.f_code in _SHIELDED_CODES:
             return True
         frame = frame.f_back
     return False
+
+
+def door_codes() -> frozenset[Any]:
+    """The code objects of the doors and exit steps: a signal arriving inside one of their
+    calls arrived inside idpin (the delivery's own code holds signals too, but it also
+    runs for a signal that arrived in the caller's code)."""
+    return frozenset(_SHIELDED_CODES - {_deliver.__code__, _run_handler.__code__})
+
+
+def exit_steps(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator of the ``_exit`` that ``_sys.resumable_exit`` runs: signals are held inside it
+    (the C-level ``__exit__`` delivers them as it returns)."""
+    _SHIELDED_CODES.add(fn.__code__)
+    return fn
 
 
 class HeldInsideIdpin:
@@ -105,21 +124,38 @@ _TAKEN = object()
 
 
 def _deliver():
-    """Run the held signals' handlers, in arrival order."""
+    """Run the held signals' handlers, in arrival order, all of them.
+
+    A handler that raises does not keep the others held past the door (no
+    later point is sure to come): they run too, and the last exception
+    propagates, the earlier ones as its context.
+    """
+    error = None
     while held:
         signum = next(iter(held))
         frame = held.pop(signum, _TAKEN)
         if frame is _TAKEN:
             continue  # a nested delivery (a signal during a handler) took it
-        handler = _c_getsignal(signum)
-        if isinstance(handler, HeldInsideIdpin):
-            handler.handler(signum, frame)
-        elif callable(handler):
-            handler(signum, frame)  # installed around idpin's routing
-        elif handler == signal.SIG_DFL:
-            # Its handler was removed while it was held: what the signal
-            # would do now (terminate, for most).
-            signal.raise_signal(signum)
+        try:
+            _run_handler(signum, frame)
+        except BaseException as err:  # noqa: B902 - raised once the others have run
+            if error is not None and err is not error and err.__context__ is None:
+                err.__context__ = error
+            error = err
+    if error is not None:
+        raise error
+
+
+def _run_handler(signum, frame):
+    handler = _c_getsignal(signum)
+    if isinstance(handler, HeldInsideIdpin):
+        handler.handler(signum, frame)
+    elif callable(handler):
+        handler(signum, frame)  # installed around idpin's routing
+    elif handler == signal.SIG_DFL:
+        # Its handler was removed while it was held: what the signal would
+        # do now (terminate, for most).
+        signal.raise_signal(signum)
 
 
 def deliver_here():
@@ -142,20 +178,20 @@ def _deliver_at_door(caller, result, undo):
             # even if something raises in between.
             _sys.finish(undo, result)
         if held:
-            _deliver()  # pressed again during the undo: raises with the first as context
+            _deliver()  # arrived during the undo: raises with the first as context
         raise
 
 
-def door(undo=None):
+def door(undo: Callable[[Any], object] | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator of a function through which callers enter idpin.
 
     Held signals are delivered as it returns or raises. ``undo(result)``
     takes back what a successful call made, when a delivered handler raises.
     """
 
-    def decorate(fn):
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
-        def enter_idpin(*args, **kwargs):
+        def enter_idpin(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
@@ -186,7 +222,10 @@ def _door_codes():
     return {probe.__code__}
 
 
-_SHIELDED_CODES |= _door_codes() | {_deliver.__code__}
+# Delivery holds signals too: one arriving while a handler runs waits for it
+# (the loop in _deliver takes it next), and the door's undo cannot be skipped.
+_SHIELDED_CODES |= _door_codes() | {_deliver.__code__, _run_handler.__code__, _deliver_at_door.__code__,
+                                    exit_door.__code__, deliver_here.__code__}
 
 
 # -- routing of signal.signal ---------------------------------------------------------

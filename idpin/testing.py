@@ -269,12 +269,24 @@ def leftovers(fds_before: set[int] | None = None) -> list[str]:
 
 
 def records_left() -> list[str]:
-    """idpin's records (POSIX message queues, which outlive processes) left in this
-    namespace, by name; removed, since looking at one consumes its message."""
+    """idpin's records (POSIX message queues, which outlive processes) left in this namespace.
+
+    A holder killed while holding idpin's lock leaves its record for the next
+    holder to act on: so this takes the locks as the next idpin user would,
+    and reports what is still there after that (and any record this process
+    itself still claims).
+    """
     from . import ipc, pids
 
     names = [ipc.LIMITS_RECORD, pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)]
-    left = [name for name in names if _sys.record_read(name) is not None]
+    if not any(_sys.record_exists(name) for name in names):
+        return []
+    mine = knobs.existing_namespace_lock("pid")
+    if mine is not None and mine.cursor_record is not None:
+        return ["%s (claimed by this process, which holds no lock)" % names[1]]
+    with ipc.ipc_lock().held():  # the pid lock first, then the IPC lock: both clean up
+        pass
+    left = [name for name in names if _sys.record_exists(name)]
     for name in left:
         _sys.record_remove(name)
     return left

@@ -26,8 +26,6 @@ from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind
 
-signals.shield_module(__name__)
-
 # Starts retried when a fork outside the lock moved the cursor without
 # taking the tid: at most this many attempts, within this many seconds.
 START_ATTEMPTS = 64

@@ -1059,3 +1059,68 @@ def test_item1_a_thread_that_began_and_ended_inside_the_block_is_not_credited(ki
         assert kind not in req.consumed, "credited a transient thread's %s %d" % (kind, want)
     finally:
         remove_all_objects()
+
+
+# -- item 4: a holder SIGKILLed with ns_last_pid armed ----------------------------------------
+
+
+def killed_inside_a_tid_block(tid):
+    """A child that enters a tid block and is SIGKILLed there: (its pid, ns_last_pid after)."""
+    ready_read, ready_write = os.pipe()
+    never_read, never_write = os.pipe()
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        with idpin.request(tid=tid):
+            os.write(ready_write, b"1")
+            os.read(never_read, 1)  # until killed
+        os._exit(0)
+    os.read(ready_read, 1)
+    os.kill(child, signal.SIGKILL)
+    reap(child)
+    for fd in (ready_read, ready_write, never_read, never_write):
+        os.close(fd)
+    return child, knob("ns_last_pid")
+
+
+def test_item4_a_tid_block_killed_armed_has_the_cursor_put_back_by_the_next_user():
+    killed, cursor = killed_inside_a_tid_block(TID_A)
+    assert cursor == TID_A - 1  # armed, and nobody left to disarm it
+    with idpin.request(tid=TID_B):  # the next user of the pid namespace's lock
+        pass
+    assert knob("ns_last_pid") == killed  # the cursor the killed block found (its own fork)
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        os._exit(0)
+    reap(child)
+    assert child not in (TID_A, TID_B)
+
+
+def test_item4_a_cursor_moved_since_the_kill_is_not_put_back():
+    killed_inside_a_tid_block(TID_A)
+    # Someone forked in between (getting the killed block's tid: nothing
+    # could stop that): the cursor is theirs now, not the record's.
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        os._exit(0)
+    reap(child)
+    assert child == TID_A
+    with idpin.request(tid=TID_B):
+        pass
+    assert knob("ns_last_pid") == TID_A
+
+
+def test_item4_a_knob_path_fork_leaves_no_record_and_the_cursor_past_its_pid():
+    # Multi-threaded: the knob path; its record is dropped once the fork is done.
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()
+    try:
+        with idpin.request(pid=PID_A):
+            child = os.fork()
+            if child == 0:
+                os._exit(0 if os.getpid() == PID_A else 1)
+    finally:
+        stop.set()
+        parked.join()
+    assert reap(child) == 0 and child == PID_A
+    assert testing.records_left() == []

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._ctypes import (  # noqa: F401
         clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
         ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
-        pty_peer, setns, unshare)
+        pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -52,6 +52,7 @@ INTERFACE = (
     "shm_read",
     "record_write",
     "record_read",
+    "record_exists",
     "record_remove",
     "pty_index",
     "pty_peer",
@@ -124,7 +125,6 @@ def _load_default():
 
 
 _load_default()
-_signals.shield_module(__name__)
 
 
 def _python_resumable_exit(self, exc_type, exc, tb):

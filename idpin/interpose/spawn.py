@@ -85,6 +85,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 # signal.pthread_sigmask converts every signal of the returned set to an
 # enum member: a millisecond per call on a loaded machine, twice per spawn.
 # _signal's is the same C function without the conversion.
@@ -112,8 +113,6 @@ _ALL_SIGNALS = set(signal.valid_signals())
 _SPAWN_KEYWORDS = ("file_actions", "setpgroup", "resetids", "setsid", "setsigmask", "setsigdef",
                    "scheduler")
 
-
-signals.shield_module(__name__)
 
 
 # ------------------------------------------------------------------ routes
@@ -157,10 +156,11 @@ def system(command):
     return _system_pinned(found, command)
 
 
-for _routed, _original in ((fork_exec, "subprocess._fork_exec"), (posix_spawn, "os.posix_spawn"),
-                           (posix_spawnp, "os.posix_spawnp"), (system, "os.system")):
-    _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.spawn)." % _original
-    _routed.__wrapped__ = ORIGINALS[_original]  # type: ignore[attr-defined]
+_route: Any
+for _route, _original in ((fork_exec, "subprocess._fork_exec"), (posix_spawn, "os.posix_spawn"),
+                          (posix_spawnp, "os.posix_spawnp"), (system, "os.system")):
+    _route.__doc__ = "%s, routed through idpin (see idpin.interpose.spawn)." % _original
+    _route.__wrapped__ = ORIGINALS[_original]
 
 
 # ------------------------------------------------------------------ the pinned process
