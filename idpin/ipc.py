@@ -828,17 +828,24 @@ def _undo_batch(ns, specs):
 
 def _create_one(ns, spec):
     flags = IPC_CREAT | IPC_EXCL | spec.mode
-    try:
-        got = _sys.ipc_create_pinned(
-            ns.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
-        )
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.ENOMEM):
-            raise _full_error(spec.kind, err) from None
-        raise
-    if got != spec.id:
-        raise _wrong_id_error(spec.kind, spec.id, got)
-    return spec.kind, got
+    deadline = time.monotonic() + RETRY_SECONDS
+    for _ in range(RETRY_ATTEMPTS):
+        try:
+            got = _sys.ipc_create_pinned(
+                ns.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
+            )
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise _full_error(spec.kind, err) from None
+            raise
+        if got == spec.id:
+            return spec.kind, got
+        # A creation outside idpin's lock consumed the knob (the wrongly
+        # numbered object is removed already): as for a single creation, only
+        # an id still taken afterwards is busy.
+        if time.monotonic() >= deadline or not _free_soon(spec.kind, spec.id):
+            break
+    raise _wrong_id_error(spec.kind, spec.id, got)
 
 
 KIND_OBJECTS = {kind: Kind(kind, _validator(kind), arm, disarm) for kind in KINDS}

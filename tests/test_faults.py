@@ -281,8 +281,10 @@ def two_processes_opposite_order():
                 os.write(go_write, b"1")
                 p2 = int(os.read(pid_read, 16))
                 # Wait (bounded) until P2 holds the pid namespace's lock.
-                # (It never does if idpin makes P2 wait for P1 first: then no cycle.)
-                wait_until(lambda: flock_held_by(p2, "/proc/self/ns/pid"), timeout=0.5)
+                # (It never does if idpin makes P2 wait for P1 first: then no
+                # cycle, and P2's bounded wait must end while P1 still holds
+                # it, naming P1: so wait well past P2's lock timeout.)
+                wait_until(lambda: flock_held_by(p2, "/proc/self/ns/pid"), timeout=3 * LOCK_TIMEOUT)
                 with idpin.request(tid=TID_A):
                     pass
         os.write(out1_write, outcome_of(first).encode())

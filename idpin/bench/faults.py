@@ -34,6 +34,7 @@ ops record whatever idpin handed them. Anything else left is idpin's.
 """
 import collections
 import fcntl
+import faulthandler
 import os
 import pickle
 import random
@@ -709,11 +710,16 @@ class Hung(Exception):
 def run_bounded(fn, timeout, *args):
     """fn(*args) in a forked runner (a child subreaper); its result, or Hung after ``timeout``."""
     read_end, write_end = os.pipe()
+    stacks_read, stacks_write = os.pipe()
     runner = ORIGINALS["os.fork"]()
     if runner == 0:
         status = 0
         try:
             os.close(read_end)
+            os.close(stacks_read)
+            # On SIGUSR2 (sent at the deadline), where every thread is: the
+            # hang's report says. A C-level handler: no thread, no Python.
+            faulthandler.register(signal.SIGUSR2, file=stacks_write, all_threads=True)
             _sys.prctl(PR_SET_CHILD_SUBREAPER, 1)
             try:
                 outcome = ("ok", fn(*args))
@@ -730,23 +736,28 @@ def run_bounded(fn, timeout, *args):
         finally:
             os._exit(status)
     os.close(write_end)
+    os.close(stacks_write)
     chunks = []
     deadline = time.monotonic() + timeout
     try:
         while True:
             ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
+                os.kill(runner, signal.SIGUSR2)
+                select.select([stacks_read], [], [], 1.0)
+                time.sleep(0.1)  # the rest of the dump
                 os.kill(runner, signal.SIGKILL)
                 os.waitpid(runner, 0)
                 reap_all()
-                raise Hung("%s did not finish within %.0f s (killed)" % (
-                    getattr(fn, "__name__", fn), timeout))
+                raise Hung("%s did not finish within %.0f s (killed); its threads were at:\n%s" % (
+                    getattr(fn, "__name__", fn), timeout, _read_all(stacks_read)))
             chunk = os.read(read_end, 1 << 16)
             if not chunk:
                 break
             chunks.append(chunk)
     finally:
         os.close(read_end)
+        os.close(stacks_read)
     os.waitpid(runner, 0)
     reap_all()
     if not chunks:
@@ -758,6 +769,20 @@ def run_bounded(fn, timeout, *args):
 
 
 PR_SET_CHILD_SUBREAPER = 36
+
+
+def _read_all(fd):
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data.decode(errors="replace")
 
 
 def my_locks_in_proc_locks():
