@@ -33,6 +33,16 @@ its process. With one:
   itself (idpin.pty.open_many), put it in place of the caller's master with
   NOTIF_ADDFD + SETFD, then CONTINUE: the ioctl runs on the right master.
 
+Target memory (a request line, a clone3 argument block) is read once;
+NOTIF_ID_VALID then confirms the call still waits (its thread may have died
+and its number gone to another task), and only that copy is acted on. A
+continued clone3 is read again by the kernel, after any rewrite by another
+thread of the program: a copy the kernel would refuse is refused here
+(EINVAL), so no allocation follows a block that was invalid when validated;
+a valid block rewritten into another valid one during the call (a thread
+into a process) is the program racing itself, and verification records
+what came of it.
+
 A taken id fails the call with EBUSY (a plan entry only with strict=True;
 otherwise the call is ordinary). A continued call cannot be failed any
 more: if verification finds a wrong id (only a process outside the
@@ -62,6 +72,17 @@ from . import filter as seccomp_filter
 ENV = "IDPIN_REQUEST_FD"
 CLONE_THREAD = 0x00010000
 CLONE_PARENT = 0x00008000
+CLONE_VM = 0x00000100
+CLONE_SIGHAND = 0x00000800
+CLONE_DETACHED = 0x00400000
+CLONE_NEWTIME = 0x00000080
+CSIGNAL = 0x000000FF
+CLONE_CLEAR_SIGHAND = 1 << 32
+CLONE_INTO_CGROUP = 1 << 33
+# clone3's argument block up to exit_signal: flags, pidfd, child_tid,
+# parent_tid, exit_signal (u64 each); the kernel wants at least 64 bytes.
+CLONE3_READ = 40
+CLONE3_MIN_SIZE = 64
 # Bounds on waiting for a continued call to allocate (it fails early, never
 # allocating, only on bad arguments or limits), and for its task to show.
 SETTLE_SECONDS = 2.0
@@ -321,6 +342,9 @@ class _Channel:
         self.request_inode = request_inode
         self.thread = None
 
+
+# _classify: a call the kernel would refuse with EINVAL, judged from the copy read.
+INVALID = ("invalid", None)
 
 # Outcomes of a pinning attempt.
 OK, BUSY, WRONG, NOT_ALLOCATED, GONE = "ok", "busy", "wrong", "not-allocated", "gone"
@@ -617,6 +641,8 @@ class Supervisor:
         what = self._classify(channel, notification, name)
         if what is None:
             return self._answer(channel, notification)
+        if what is INVALID:
+            return self._answer(channel, notification, -errno.EINVAL)
         kind, detail = what
         tgid = _tgid(tid)
         found = self.pending.peek(tid, tgid, kind) if tgid else None
@@ -645,13 +671,21 @@ class Supervisor:
         if name == "clone":
             flags = args[0]
         elif name == "clone3":
+            if args[1] < CLONE3_MIN_SIZE:
+                return None  # the kernel fails it with EINVAL before reading it
             try:
-                raw = _sys.process_vm_read(notification[1], args[0], 8)
+                raw = _sys.process_vm_read(notification[1], args[0], CLONE3_READ)
             except OSError:
-                return None  # the kernel will fail it with EFAULT
-            if len(raw) != 8 or not self._valid(channel, notification):
+                return None  # gone, or the kernel fails it with EFAULT
+            if len(raw) != CLONE3_READ or not self._valid(channel, notification):
                 return None
-            flags = struct.unpack("=Q", raw)[0]
+            flags, _, _, _, exit_signal = struct.unpack("=5Q", raw)
+            if _clone3_invalid(flags, exit_signal):
+                # The kernel reads the block again once continued, and a
+                # thread of the program may have rewritten it by then:
+                # decide from the copy validated, which no allocation
+                # could follow.
+                return INVALID
         elif name == "msgget":
             return "msg", (args[0], 0, args[1])  # msgget(key, flags)
         elif name in _GET_KIND:
@@ -681,9 +715,13 @@ class Supervisor:
         try:
             data = _sys.process_vm_read(tid, args[1], count)
         except OSError:
-            return self._answer(channel, notification, -errno.EFAULT)
+            data = None
+        # Only now is what was read the waiting call's (its thread may have
+        # died and its number gone to another task): decide from this copy.
         if not self._valid(channel, notification):
-            return False  # the call went away; what was read may be another's
+            return False
+        if data is None or len(data) != count:
+            return self._answer(channel, notification, -errno.EFAULT)
         try:
             ids = parse_request(data)
         except RequestError as err:
@@ -858,6 +896,25 @@ class Supervisor:
             os.close(master)
         self._installed_ptys.add((tgid, fd, want))
         return OK if self._answer(channel, notification) else GONE
+
+
+def _clone3_invalid(flags, exit_signal):
+    """Whether clone3 with these fields fails with EINVAL before it allocates
+    (kernel/fork.c: copy_clone_args_from_user, clone3_args_valid and the
+    flag checks at the top of copy_process)."""
+    if exit_signal & ~CSIGNAL or exit_signal > 64:
+        return True
+    if flags & ~(0xFFFFFFFF | CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP):
+        return True
+    if flags & (CLONE_DETACHED | (CSIGNAL & ~CLONE_NEWTIME)):
+        return True
+    if flags & CLONE_SIGHAND and flags & CLONE_CLEAR_SIGHAND:
+        return True
+    if flags & (CLONE_THREAD | CLONE_PARENT) and exit_signal:
+        return True
+    if flags & CLONE_THREAD and not flags & CLONE_SIGHAND:
+        return True
+    return bool(flags & CLONE_SIGHAND and not flags & CLONE_VM)
 
 
 # ---------------------------------------------------------------- /proc helpers

@@ -1,0 +1,203 @@
+/*
+ * A supervised program that races the supervisor: while one thread passes a
+ * buffer to an intercepted call, a second thread keeps rewriting it. Prints
+ * one line per call: "kind=id" or "kind:errno=N".
+ *
+ *   rewrite request N ITER      write a request line on $IDPIN_REQUEST_FD that
+ *                               flips between "pid=N" and "pid=xx..x" (same
+ *                               length, any mix of the two is invalid), then
+ *                               fork; ITER times
+ *   rewrite clone3 N ITER BAD   write "pid=N" on the request fd, then clone3
+ *                               a process from an argument block whose flags
+ *                               flip between 0 and BAD (hex; an invalid
+ *                               value, so the kernel fails the call when it
+ *                               reads BAD); ITER times
+ *   rewrite eintr               print "forking", fork with a SIGUSR1 handler
+ *                               without SA_RESTART; when the fork fails
+ *                               (EINTR), read one byte from stdin and fork
+ *                               again
+ *
+ * Each call starts from a known state (the clean value on even iterations,
+ * the other one on odd ones), so both outcomes are exercised even when the
+ * rewriting thread gets no CPU; while it runs, which one the supervisor
+ * reads is up to the race.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/sched.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The rewriting thread's bound: it stops when told, or after this many flips. */
+#define MAX_FLIPS (1L << 28)
+
+static volatile int done;
+static char good[32], bad[32];
+static volatile char line[32];
+static size_t line_length;
+static struct clone_args args __attribute__((aligned(64)));
+static uint64_t bad_flags;
+
+static void report(const char *kind, long id)
+{
+    if (id < 0)
+        printf("%s:errno=%d\n", kind, errno);
+    else
+        printf("%s=%ld\n", kind, id);
+    fflush(stdout);
+}
+
+static void set_line(const char *text)
+{
+    for (size_t i = 0; i < line_length; i++)
+        line[i] = text[i];
+}
+
+/* Which value the rewriter writes: it alternates, and so does the one it
+ * leaves in place while it yields (every 64 flips). */
+static int phase(long flips)
+{
+    return (int)((flips ^ (flips >> 6)) & 1);
+}
+
+static void *rewrite_line(void *unused)
+{
+    (void)unused;
+    for (long flips = 0; !done && flips < MAX_FLIPS; flips++) {
+        set_line(phase(flips) ? good : bad);
+        if ((flips & 63) == 0)
+            sched_yield();
+    }
+    return NULL;
+}
+
+static void *rewrite_flags(void *unused)
+{
+    volatile uint64_t *flags = (volatile uint64_t *)&args.flags;
+    (void)unused;
+    for (long flips = 0; !done && flips < MAX_FLIPS; flips++) {
+        *flags = phase(flips) ? 0 : bad_flags;
+        if ((flips & 63) == 0)
+            sched_yield();
+    }
+    return NULL;
+}
+
+static void fork_and_report(const char *kind)
+{
+    pid_t child = fork();
+    if (child == 0)
+        _exit(0);
+    report(kind, child);
+    if (child > 0)
+        waitpid(child, NULL, 0);
+}
+
+static int request_fd(void)
+{
+    const char *fd = getenv("IDPIN_REQUEST_FD");
+    return fd ? atoi(fd) : -1;
+}
+
+static void requests(int pid, int iterations)
+{
+    pthread_t thread;
+    int fd = request_fd();
+
+    line_length = (size_t)snprintf(good, sizeof(good), "pid=%d", pid);
+    memcpy(bad, "pid=", 4);
+    memset(bad + 4, 'x', line_length - 4);
+    pthread_create(&thread, NULL, rewrite_line, NULL);
+    for (int i = 0; i < iterations; i++) {
+        set_line(i & 1 ? bad : good);
+        ssize_t written = write(fd, (const char *)line, line_length);
+        if (written == (ssize_t)line_length)
+            fork_and_report("ok");
+        else if (written < 0 && errno == EINVAL)
+            fork_and_report("einval");
+        else
+            report("write", written < 0 ? -1 : written);
+    }
+    done = 1;
+    pthread_join(thread, NULL);
+}
+
+static void clone3s(int pid, int iterations)
+{
+    pthread_t thread;
+    int fd = request_fd();
+    char request[32];
+    size_t length = (size_t)snprintf(request, sizeof(request), "pid=%d", pid);
+
+    pthread_create(&thread, NULL, rewrite_flags, NULL);
+    for (int i = 0; i < iterations; i++) {
+        ssize_t written = write(fd, request, length);
+        if (written != (ssize_t)length) {
+            report("write", written < 0 ? -1 : written);
+            continue;
+        }
+        *(volatile uint64_t *)&args.flags = i & 1 ? bad_flags : 0;
+        args.exit_signal = SIGCHLD;
+        long child = syscall(SYS_clone3, &args, sizeof(args));
+        if (child == 0)
+            syscall(SYS_exit_group, 0);  /* only this thread was copied: no libc */
+        report("clone3", child);
+        if (child > 0)
+            waitpid((pid_t)child, NULL, 0);
+    }
+    done = 1;
+    pthread_join(thread, NULL);
+}
+
+static void on_signal(int sig)
+{
+    (void)sig;
+}
+
+static void fork_interrupted(void)
+{
+    struct sigaction action;
+    char go;
+
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = on_signal;  /* no SA_RESTART: an interrupted call fails with EINTR */
+    sigaction(SIGUSR1, &action, NULL);
+    printf("forking\n");
+    fflush(stdout);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        pid_t child = fork();
+        if (child == 0)
+            _exit(0);
+        report("pid", child);
+        if (child > 0) {
+            waitpid(child, NULL, 0);
+            return;
+        }
+        if (errno != EINTR || read(0, &go, 1) != 1)
+            return;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 4 && strcmp(argv[1], "request") == 0) {
+        requests(atoi(argv[2]), atoi(argv[3]));
+    } else if (argc >= 5 && strcmp(argv[1], "clone3") == 0) {
+        bad_flags = strtoull(argv[4], NULL, 16);
+        clone3s(atoi(argv[2]), atoi(argv[3]));
+    } else if (argc >= 2 && strcmp(argv[1], "eintr") == 0) {
+        fork_interrupted();
+    } else {
+        fprintf(stderr, "usage: rewrite request N ITER | clone3 N ITER BAD | eintr\n");
+        return 2;
+    }
+    return 0;
+}
