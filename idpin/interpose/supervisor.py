@@ -53,6 +53,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import queue
 import socket
@@ -86,6 +87,10 @@ CLONE3_MIN_SIZE = 64
 # Bounds on waiting for a continued call to allocate (it fails early, never
 # allocating, only on bad arguments or limits), and for its task to show.
 SETTLE_SECONDS = 2.0
+# How many quick tests of a continued call's end come before the slower one
+# that also asks /proc whether its thread is alive (the call usually ends
+# within the first few).
+DEATH_CHECK_AFTER = 200
 LISTENER_SECONDS = 30.0
 MAX_REQUEST_BYTES = 4096
 # i386's ipc() multiplexer: call numbers (linux/ipc.h).
@@ -781,9 +786,22 @@ class Supervisor:
             return WRONG
 
     def _call_over(self, notification):
-        """A test: has the thread behind ``notification`` trapped again since?"""
+        """A test: has the thread behind ``notification`` trapped again since, or died?
+
+        A thread killed during its continued call never traps again: from
+        the DEATH_CHECK_AFTER-th test on, whether it is still there is
+        asked too, so the wait for it ends (and an armed IPC knob is
+        consumed) without waiting out SETTLE_SECONDS.
+        """
         tid, nid = notification[1], notification[0]
-        return lambda: self._latest.get(tid, (nid,))[0] != nid
+        tests = itertools.count()
+
+        def over():
+            if self._latest.get(tid, (nid,))[0] != nid:
+                return True
+            return next(tests) >= DEATH_CHECK_AFTER and not _alive(tid)
+
+        return over
 
     def _restarted(self, notification):
         """Whether the thread's newest trapped call is this one again: the

@@ -16,6 +16,13 @@
  *                               without SA_RESTART; when the fork fails
  *                               (EINTR), read one byte from stdin and fork
  *                               again
+ *   rewrite storm N             fork N times while a timer fires SIGALRM every
+ *                               2 ms through a handler without SA_RESTART; a
+ *                               fork failing with EINTR is tried again
+ *                               (printed "retried=K" at the end)
+ *   rewrite stalled             semget with more semaphores than allowed
+ *                               (refused before the knob is read), read one
+ *                               byte from stdin, then semget(1)
  *
  * Each call starts from a known state (the clean value on even iterations,
  * the other one on odd ones), so both outcomes are exercised even when the
@@ -32,7 +39,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ipc.h>
+#include <sys/sem.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -81,10 +91,9 @@ static void *rewrite_line(void *unused)
 
 static void *rewrite_flags(void *unused)
 {
-    volatile uint64_t *flags = (volatile uint64_t *)&args.flags;
     (void)unused;
     for (long flips = 0; !done && flips < MAX_FLIPS; flips++) {
-        *flags = phase(flips) ? 0 : bad_flags;
+        __atomic_store_n(&args.flags, phase(flips) ? 0 : bad_flags, __ATOMIC_RELAXED);
         if ((flips & 63) == 0)
             sched_yield();
     }
@@ -144,7 +153,7 @@ static void clone3s(int pid, int iterations)
             report("write", written < 0 ? -1 : written);
             continue;
         }
-        *(volatile uint64_t *)&args.flags = i & 1 ? bad_flags : 0;
+        __atomic_store_n(&args.flags, i & 1 ? bad_flags : 0, __ATOMIC_RELAXED);
         args.exit_signal = SIGCHLD;
         long child = syscall(SYS_clone3, &args, sizeof(args));
         if (child == 0)
@@ -186,6 +195,50 @@ static void fork_interrupted(void)
     }
 }
 
+static void forks_under_interrupting_signals(int n)
+{
+    struct sigaction action;
+    struct itimerval timer = {{0, 2000}, {0, 2000}};
+    long retried = 0;
+
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = on_signal;
+    sigaction(SIGALRM, &action, NULL);
+    setitimer(ITIMER_REAL, &timer, NULL);
+    for (int i = 0; i < n; i++) {
+        pid_t child = -1;
+        for (int attempt = 0; attempt < 1000; attempt++) {
+            child = fork();
+            if (child >= 0 || errno != EINTR)
+                break;
+            retried++;
+        }
+        if (child == 0)
+            _exit(0);
+        report("pid", child);
+        if (child > 0)
+            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                ;
+    }
+    memset(&timer, 0, sizeof(timer));
+    setitimer(ITIMER_REAL, &timer, NULL);
+    printf("retried=%ld\n", retried);
+}
+
+static void stalled_semget(void)
+{
+    char go;
+    int id = semget(IPC_PRIVATE, 1 << 20, IPC_CREAT | 0600);
+
+    report("sem", id);
+    if (read(0, &go, 1) != 1)
+        return;
+    id = semget(IPC_PRIVATE, 1, IPC_CREAT | 0600);
+    report("sem", id);
+    if (id >= 0)
+        semctl(id, 0, IPC_RMID);
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 4 && strcmp(argv[1], "request") == 0) {
@@ -195,8 +248,12 @@ int main(int argc, char **argv)
         clone3s(atoi(argv[2]), atoi(argv[3]));
     } else if (argc >= 2 && strcmp(argv[1], "eintr") == 0) {
         fork_interrupted();
+    } else if (argc >= 3 && strcmp(argv[1], "storm") == 0) {
+        forks_under_interrupting_signals(atoi(argv[2]));
+    } else if (argc >= 2 && strcmp(argv[1], "stalled") == 0) {
+        stalled_semget();
     } else {
-        fprintf(stderr, "usage: rewrite request N ITER | clone3 N ITER BAD | eintr\n");
+        fprintf(stderr, "usage: rewrite request N ITER | clone3 N ITER BAD | eintr | storm N | stalled\n");
         return 2;
     }
     return 0;
