@@ -39,9 +39,10 @@ and its number gone to another task), and only that copy is acted on. A
 continued clone3 is read again by the kernel, after any rewrite by another
 thread of the program: a copy the kernel would refuse is refused here
 (EINVAL), so no allocation follows a block that was invalid when validated;
-a valid block rewritten into another valid one during the call (a thread
-into a process) is the program racing itself, and verification records
-what came of it.
+a valid block rewritten into another valid one during the call is the
+program racing itself, and the kernel does what it reads then: a pinned
+process turned into a thread gets the pinned number as its tid (recorded
+in ``errors``), a thread turned into a process an ordinary pid.
 
 A taken id fails the call with EBUSY (a plan entry only with strict=True;
 otherwise the call is ordinary). A continued call cannot be failed any
