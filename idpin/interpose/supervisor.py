@@ -818,8 +818,7 @@ class Supervisor:
             self.errors.append("a thread of %d got a tid other than %d (a process outside the "
                                "supervisor and idpin's lock raced the knob)" % (tgid, want))
             return
-        fields = _status_fields(got, {"PPid"}) if got != want else None
-        if fields and fields.get("PPid") == tgid:
+        if got != want and _ppid(got) == tgid:
             _kill(got)
             self.errors.append("process %d forked pid %d instead of %d (a process outside the "
                                "supervisor and idpin's lock raced the knob): killed it" % (tgid, got, want))
@@ -938,30 +937,61 @@ def _clone3_invalid(flags, exit_signal):
 
 # ---------------------------------------------------------------- /proc helpers
 
+def _read_proc(path, size=4096):
+    """The first ``size`` bytes of a /proc file, or None if it is gone.
+
+    Raw os calls: on the pinned-call path Python's text I/O costs more than
+    the kernel's making of the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _tgid(tid):
     if not tid:
         return None  # not visible in our pid namespace
+    # pidfd_open succeeds only for a thread group leader (EINVAL for other
+    # threads): the common case costs one syscall, not a /proc read.
     try:
-        with open("/proc/%d/status" % tid) as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        os.close(os.pidfd_open(tid))
+        return tid
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            return None  # gone
+    return (_status_fields(tid, {"Tgid"}) or {}).get("Tgid")
 
 
 def _status_fields(pid, names):
+    data = _read_proc("/proc/%d/status" % pid)
+    if data is None:
+        return None
     found = {}
     try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in names:
-                    found[key] = int(value.split()[0])
-    except (OSError, ValueError, IndexError):
+        for line in data.decode().splitlines():
+            key, _, value = line.partition(":")
+            if key in names:
+                found[key] = int(value.split()[0])
+    except (ValueError, IndexError):
         return None
     return found
+
+
+def _ppid(pid):
+    """The parent of process ``pid`` (from /proc/PID/stat, cheaper than status), or None."""
+    data = _read_proc("/proc/%d/stat" % pid, 1024)
+    try:
+        # "pid (comm) state ppid ...": comm may hold anything but its last ')'.
+        return int(data.rpartition(b")")[2].split()[1])
+    except (AttributeError, ValueError, IndexError):
+        return None
 
 
 def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
@@ -990,28 +1020,41 @@ def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
 def _born(pid, tgid, kind, flags, over, timeout=0.02):
     """Whether task ``pid`` is the new thread of ``tgid`` or its child; None
     if it does not show within ``timeout`` (it may already be reaped)."""
-    if kind == "tid":
-        want = ("Tgid", tgid)
-    elif flags & CLONE_PARENT:
-        want = ("PPid", (_status_fields(tgid, {"PPid"}) or {}).get("PPid"))
-    else:
-        want = ("PPid", tgid)
+    parent = _ppid(tgid) if kind != "tid" and flags & CLONE_PARENT else tgid
     deadline = time.monotonic() + timeout
+    polls = 0
     while True:
-        fields = _status_fields(pid, {"Tgid", "PPid"})
-        if fields is not None:
-            return fields.get(want[0]) == want[1]
+        related = _related(pid, tgid, kind, parent)
+        if related is not None:
+            return related
         if over() or time.monotonic() > deadline:
             return None
-        time.sleep(0.0001)
+        # The knob moves when the pid is allocated, a little before the
+        # task shows in /proc: yield first, sleep only if it takes longer.
+        polls += 1
+        if polls < 50:
+            os.sched_yield()
+        else:
+            time.sleep(0.0001)
+
+
+def _related(pid, tgid, kind, parent):
+    """Whether task ``pid`` is a thread of ``tgid`` (kind "tid") or a child
+    of ``parent``; None if there is no such task."""
+    if kind == "tid":
+        if os.path.exists("/proc/%d/task/%d" % (tgid, pid)):
+            return True
+        return False if os.path.exists("/proc/%d" % pid) else None
+    ppid = _ppid(pid)
+    return None if ppid is None else ppid == parent
 
 
 def _alive(pid):
     """Whether process ``pid`` exists and is not a zombie."""
+    data = _read_proc("/proc/%d/stat" % pid, 1024)
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+        return data.rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (AttributeError, IndexError):
         return False
 
 
