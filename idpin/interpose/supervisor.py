@@ -889,8 +889,10 @@ class Supervisor:
                 self._answer(channel, notification)
                 return NOT_ALLOCATED
             if current == want:
+                if not self._answer(channel, notification):
+                    return GONE  # what was read may be another process's
                 self._installed_ptys.add((tgid, fd, want))
-                return OK if self._answer(channel, notification) else GONE
+                return OK
             instance = idpin_pty.find_instance()
             if os.fstat(theirs).st_dev != instance.dev:
                 return BUSY  # another devpts instance than ours
