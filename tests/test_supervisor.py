@@ -675,3 +675,23 @@ def test_a_supervisor_killed_while_a_knob_is_armed_leaves_it_to_the_next_idpin_u
         finally:
             os.close(ready_read)
             os.close(go_write)
+
+
+def test_a_clone3_block_rewritten_between_a_thread_and_a_process_never_keeps_a_wrong_pid(rewrite):
+    # Both blocks are valid, so the supervisor cannot refuse either: each
+    # clone3 follows a request for pid 4700, and the kernel makes what it
+    # reads once the call continues. A process made that way has exactly
+    # 4700, or it is killed and recorded (the block was a thread's when the
+    # supervisor read it, or 4700 was not free yet); a thread may have any
+    # tid, 4700 included.
+    lines, status, log, errors, stderr = run([rewrite, "kinds", "4700", str(REWRITES)])
+    assert status == 0, stderr
+    processes = [line for line in lines if line.startswith("process=")]
+    threads = [line for line in lines if line.startswith("thread=")]
+    busy = [line for line in lines if line == "clone3:errno=%d" % errno.EBUSY]
+    assert len(processes) + len(threads) + len(busy) == REWRITES, lines
+    killed = [line for line in processes if line.endswith(":%d" % signal.SIGKILL)]
+    assert sorted(processes) == sorted(["process=4700:0"] * (len(processes) - len(killed)) + killed), lines
+    assert len([error for error in errors if "killed it" in error]) == len(killed), errors
+    assert all(entry[1:] in (("pid", 4700, "ok"), ("pid", 4700, "wrong"), ("pid", None, "wrong"),
+                             ("pid", 4700, "busy")) for entry in log), log

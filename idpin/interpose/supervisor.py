@@ -42,7 +42,9 @@ thread of the program: a copy the kernel would refuse is refused here
 a valid block rewritten into another valid one during the call is the
 program racing itself, and the kernel does what it reads then: a pinned
 process turned into a thread gets the pinned number as its tid (recorded
-in ``errors``), a thread turned into a process an ordinary pid.
+in ``errors``); a thread turned into a process while a pid is pending is
+killed and recorded, so a clone3 that reads as a thread then is continued
+under the pid lock and watched.
 
 A taken id fails the call with EBUSY (a plan entry only with strict=True;
 otherwise the call is ordinary). A continued call cannot be failed any
@@ -657,6 +659,8 @@ class Supervisor:
             if self.strict:
                 self.log.append((tgid, kind, None, BUSY))
                 return self._answer(channel, notification, -errno.EBUSY)
+            if name == "clone3" and kind == "tid" and self.pending.peek(tid, tgid, "pid"):
+                return self._continue_watched(channel, notification, tgid)
             return self._answer(channel, notification)
         source, want = found
         pin = {"pid": self._pin_pid, "tid": self._pin_pid, "pty": self._pin_pty}.get(kind, self._pin_ipc)
@@ -795,6 +799,32 @@ class Supervisor:
             self._pid_namespace = knobs.namespace_lock("pid")
         return self._pid_namespace
 
+    def _continue_watched(self, channel, notification, tgid):
+        """Continue a clone3 whose validated block makes a thread, while a
+        pid is pending for the caller.
+
+        The kernel reads the block again once continued: if a thread of the
+        program rewrote it into a process meanwhile, that process must not
+        keep an ordinary pid while the pending one waits. Under the pid lock
+        (nothing else supervised or idpin's moves the cursor meanwhile), the
+        task made is looked at: a child process is killed and recorded, and
+        the pid stays pending.
+        """
+        lock = self._pid_lock()
+        with lock.held(), self._exits_held():
+            knob = lock.knob("ns_last_pid")
+            before = _sys.knob_read(knob)
+            if not self._answer(channel, notification):
+                return
+            got = _wait_knob(knob, lambda value: value != before, self._call_over(notification))
+            if got is None or _ppid(got) != tgid:
+                return  # nothing made, or a thread (its parent is tgid's)
+            _kill(got)
+        self.log.append((tgid, "pid", None, WRONG))
+        self.errors.append("process %d made a process (pid %d) from a clone3 block that was a "
+                           "thread's when the supervisor validated it, while a pid was pending: "
+                           "killed it" % (tgid, got))
+
     def _call_over(self, notification):
         """A test: has the thread behind ``notification`` trapped again since, or died?
 
@@ -827,10 +857,14 @@ class Supervisor:
             self.errors.append("a thread of %d got a tid other than %d (a process outside the "
                                "supervisor and idpin's lock raced the knob)" % (tgid, want))
             return
-        if got != want and _ppid(got) == tgid:
+        if got == want and os.path.exists("/proc/%d/task/%d" % (tgid, want)):
+            self.errors.append("process %d made a thread, not a process, with pid %d (its clone3 "
+                               "block was rewritten during the call)" % (tgid, want))
+        elif got != want and _ppid(got) == tgid:
             _kill(got)
             self.errors.append("process %d forked pid %d instead of %d (a process outside the "
-                               "supervisor and idpin's lock raced the knob): killed it" % (tgid, got, want))
+                               "supervisor and idpin's lock raced the knob, or the pid was still "
+                               "being freed): killed it" % (tgid, got, want))
         else:
             self.errors.append("process %d: pid %d went to another process; its own child's pid "
                                "is unknown" % (tgid, want))

@@ -12,6 +12,13 @@
  *                               flip between 0 and BAD (hex; an invalid
  *                               value, so the kernel fails the call when it
  *                               reads BAD); ITER times
+ *   rewrite kinds N ITER        like clone3, but the flags flip between two
+ *                               valid blocks: a process (flags 0) and a
+ *                               thread (CLONE_VM|CLONE_SIGHAND|CLONE_THREAD),
+ *                               both without an exit signal, on a stack of
+ *                               their own; the new task exits at once. Prints
+ *                               "process=ID:STATUS" (waitpid's status) or
+ *                               "thread=ID" (not a child: ECHILD)
  *   rewrite eintr               print "forking", fork with a SIGUSR1 handler
  *                               without SA_RESTART; when the fork fails
  *                               (EINTR), read one byte from stdin and fork
@@ -166,6 +173,72 @@ static void clone3s(int pid, int iterations)
     pthread_join(thread, NULL);
 }
 
+#define THREAD_FLAGS (CLONE_VM | CLONE_SIGHAND | CLONE_THREAD)
+
+static char task_stack[1 << 16] __attribute__((aligned(64)));
+
+/* clone3 whose new task (process or thread, on task_stack) calls exit(0) at
+ * once, without touching memory: it runs no C code at all. */
+static long clone3_exiting(struct clone_args *block)
+{
+    long ret = SYS_clone3;
+    __asm__ volatile(
+        "syscall\n\t"
+        "test %%rax, %%rax\n\t"
+        "jnz 1f\n\t"
+        "mov $60, %%eax\n\t" /* SYS_exit */
+        "xor %%edi, %%edi\n\t"
+        "syscall\n\t"
+        "1:\n\t"
+        : "+a"(ret)
+        : "D"(block), "S"(sizeof(*block))
+        : "rcx", "r11", "memory");
+    if (ret < 0) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
+
+static void kinds(int pid, int iterations)
+{
+    pthread_t thread;
+    int fd = request_fd();
+    char request[32];
+    size_t length = (size_t)snprintf(request, sizeof(request), "pid=%d", pid);
+
+    bad_flags = THREAD_FLAGS;
+    args.exit_signal = 0;
+    args.stack = (uint64_t)(uintptr_t)task_stack;
+    args.stack_size = sizeof(task_stack);
+    pthread_create(&thread, NULL, rewrite_flags, NULL);
+    for (int i = 0; i < iterations; i++) {
+        ssize_t written = write(fd, request, length);
+        if (written != (ssize_t)length) {
+            report("write", written < 0 ? -1 : written);
+            continue;
+        }
+        __atomic_store_n(&args.flags, i & 1 ? bad_flags : 0, __ATOMIC_RELAXED);
+        long task = clone3_exiting(&args);
+        if (task < 0) {
+            report("clone3", -1);
+            continue;
+        }
+        int status;
+        if (waitpid((pid_t)task, &status, __WALL) == task) {
+            printf("process=%ld:%d\n", task, status);
+        } else {
+            /* A thread: wait until it is gone, so its stack is free again. */
+            for (int polls = 0; polls < 100000 && syscall(SYS_tgkill, getpid(), task, 0) == 0; polls++)
+                sched_yield();
+            printf("thread=%ld\n", task);
+        }
+        fflush(stdout);
+    }
+    done = 1;
+    pthread_join(thread, NULL);
+}
+
 static void on_signal(int sig)
 {
     (void)sig;
@@ -246,6 +319,8 @@ int main(int argc, char **argv)
     } else if (argc >= 5 && strcmp(argv[1], "clone3") == 0) {
         bad_flags = strtoull(argv[4], NULL, 16);
         clone3s(atoi(argv[2]), atoi(argv[3]));
+    } else if (argc >= 4 && strcmp(argv[1], "kinds") == 0) {
+        kinds(atoi(argv[2]), atoi(argv[3]));
     } else if (argc >= 2 && strcmp(argv[1], "eintr") == 0) {
         fork_interrupted();
     } else if (argc >= 3 && strcmp(argv[1], "storm") == 0) {
@@ -253,7 +328,7 @@ int main(int argc, char **argv)
     } else if (argc >= 2 && strcmp(argv[1], "stalled") == 0) {
         stalled_semget();
     } else {
-        fprintf(stderr, "usage: rewrite request N ITER | clone3 N ITER BAD | eintr | storm N | stalled\n");
+        fprintf(stderr, "usage: rewrite request N ITER | clone3 N ITER BAD | kinds N ITER | eintr | storm N | stalled\n");
         return 2;
     }
     return 0;
