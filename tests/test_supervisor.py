@@ -30,7 +30,7 @@ from idpin.interpose import supervisor as supervisor_module
 from idpin.interpose.supervisor import parse_request
 from idpin.testing import open_fds as testing_open_fds
 
-from helpers import as_root_and_nobody, knob, reap
+from helpers import as_root_and_nobody, knob, reap, wait_until
 
 PROGRAMS = pathlib.Path(__file__).resolve().parent / "programs"
 SEM, SHM, MSG = (2 << 15) | 7, (3 << 15) | 4, (1 << 15) | 9
@@ -695,3 +695,22 @@ def test_a_clone3_block_rewritten_between_a_thread_and_a_process_never_keeps_a_w
     assert len([error for error in errors if "killed it" in error]) == len(killed), errors
     assert all(entry[1:] in (("pid", 4700, "ok"), ("pid", 4700, "wrong"), ("pid", None, "wrong"),
                              ("pid", 4700, "busy")) for entry in log), log
+
+
+def test_a_pinned_call_that_failed_early_is_over_while_its_thread_waits_elsewhere(rewrite, monkeypatch):
+    # The semget is refused before it reads the knob, and the program then
+    # waits in read(2), which is not trapped: no newer trap will tell the
+    # supervisor the call is over. /proc does (the thread is in another
+    # syscall): the knob is consumed and the plan entry kept, long before
+    # the (here 60 s) bound on the wait.
+    monkeypatch.setattr(supervisor_module._wait_knob, "__defaults__", (60.0,))
+    plan = plan_of([{"pid": 100, "next": {"sem": [SEM]}}])
+    with idpin.Supervisor(plan) as sup:
+        proc = sup.spawn([rewrite, "stalled"], pid=100, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"sem:errno=%d\n" % errno.EINVAL
+        assert wait_until(lambda: sup.log, timeout=30)
+        assert [entry[1:] for entry in sup.log] == [("sem", SEM, "not-allocated")]
+        assert knob("sem_next_id") == -1
+        out, _ = proc.communicate(b"g", timeout=30)
+        assert (out, proc.returncode) == (b"sem=%d\n" % SEM, 0)  # the entry was kept for it
+        assert sup.errors == []

@@ -826,20 +826,25 @@ class Supervisor:
                            "killed it" % (tgid, got))
 
     def _call_over(self, notification):
-        """A test: has the thread behind ``notification`` trapped again since, or died?
+        """A test: is the call behind ``notification`` over (its thread has
+        trapped again since, died, or waits in another syscall)?
 
-        A thread killed during its continued call never traps again: from
-        the DEATH_CHECK_AFTER-th test on, whether it is still there is
-        asked too, so the wait for it ends (and an armed IPC knob is
-        consumed) without waiting out SETTLE_SECONDS.
+        The first DEATH_CHECK_AFTER tests only look for a newer trap. After
+        them /proc is asked too: a thread killed during its continued call
+        never traps again, nor does one whose call failed early and that
+        now waits, untrapped, for something (a thread's or child's exit
+        held in our queue meanwhile): without this, the wait would last
+        SETTLE_SECONDS, and every other supervised call with it.
         """
-        tid, nid = notification[1], notification[0]
+        tid, nid, nr = notification[1], notification[0], notification[2]
         tests = itertools.count()
 
         def over():
             if self._latest.get(tid, (nid,))[0] != nid:
                 return True
-            return next(tests) >= DEATH_CHECK_AFTER and not _alive(tid)
+            if next(tests) < DEATH_CHECK_AFTER:
+                return False
+            return not _alive(tid) or _in_another_syscall(tid, nr)
 
         return over
 
@@ -1092,6 +1097,17 @@ def _related(pid, tgid, kind, parent):
         return False if os.path.exists("/proc/%d" % pid) else None
     ppid = _ppid(pid)
     return None if ppid is None else ppid == parent
+
+
+def _in_another_syscall(tid, nr):
+    """Whether thread ``tid`` is blocked in a syscall other than ``nr``
+    (/proc/TID/syscall; "running" or unreadable: not known, so no)."""
+    data = _read_proc("/proc/%d/syscall" % tid, 256)
+    try:
+        current = int(data.split()[0])
+    except (AttributeError, ValueError, IndexError):
+        return False
+    return current >= 0 and current != nr
 
 
 def _alive(pid):
