@@ -873,8 +873,29 @@ def resumable_exit(self, exc_type, exc, tb):
     pressed again and again) land inside it, each further call finishes more
     of what the first began, up to EXIT_ATTEMPTS calls; then the first
     exception propagates. The loop is C: no handler runs between the calls.
+    Signals held while it ran are delivered as it returns (idpin.signals).
     """
-    return finish(self._exit, exc_type, exc, tb)
+    try:
+        result = finish(self._exit, exc_type, exc, tb)
+    except BaseException:
+        if _held_signals:
+            _exit_door()
+        raise
+    if _held_signals:
+        _exit_door()
+    return result
+
+
+# idpin.signals' held signals and what delivers them at a C-level exit.
+_held_signals = {}
+_exit_door = None
+
+
+def set_exit_door(door, held):
+    """Have ``resumable_exit`` call ``door()`` when ``held`` (a dict) is not empty."""
+    global _exit_door, _held_signals
+    _exit_door = door
+    _held_signals = held
 
 
 # Calls of a resumable exit before its first exception propagates: each
@@ -975,6 +996,24 @@ def record_read(name):
             free(buf)
     finally:
         mq_close(queue)
+
+
+def record_exists(name):
+    """Whether the record ``name`` exists (its message, if any, left in place)."""
+    bname = os.fsencode(name)
+    cdef const char *cname = bname
+    cdef mqd_t queue
+    cdef int code
+    with nogil:
+        queue = mq_open(cname, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        code = errno
+        if queue >= 0:
+            mq_close(queue)
+    if queue >= 0:
+        return True
+    if code == 2:  # ENOENT
+        return False
+    raise _stdlib_error(code, name)
 
 
 def record_remove(name):

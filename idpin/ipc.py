@@ -35,12 +35,14 @@ import json
 import time
 import operator
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
-from . import _sys, knobs, pids, tids
+from . import _sys, knobs, pids, signals, tids
 from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
-from .request import Kind, consume, enclosing_pending_request, pending, register_kind, validate_int
+from .request import (Kind, consume, enclosing_pending_request, pending, register_kind, uncredit,
+                      validate_int)
 
 IPC_PRIVATE = _sys.IPC_PRIVATE
 IPC_CREAT = _sys.IPC_CREAT
@@ -85,7 +87,7 @@ def _validator(kind):
 
 def ipc_lock():
     """The IPC namespace's Namespace; its lock takes the pid namespace's first."""
-    return knobs.namespace_lock("ipc", on_acquire=_clean_up_after_dead_holders)
+    return knobs.namespace_lock("ipc")
 
 
 def _clean_up_after_dead_holders(lock):
@@ -102,6 +104,9 @@ def _clean_up_after_dead_holders(lock):
         _reclaim_throwaway(kind)
         if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
             consume_knob(kind, ns)
+
+
+knobs.ON_ACQUIRE["ipc"] = _clean_up_after_dead_holders
 
 
 # idpin's own throwaway objects carry this key and mode, so that one left by
@@ -486,21 +491,38 @@ def _settle_unrouted(req, kind, ns, block):
 # -- routed creations -------------------------------------------------------
 
 
+def _undo_pinned_creation(kind):
+    def undo(id):
+        # Only a creation a request was credited with is surely this call's:
+        # without IPC_EXCL, a plain one may have found an existing object.
+        if uncredit(kind, id):
+            ns = ipc_lock()
+            with ns.held(), ns.alloc:
+                _undo_created(kind, id, None)
+                restore_knob(kind, ns)  # pending again: armed again if its block armed it
+
+    return undo
+
+
+@signals.door(undo=_undo_pinned_creation("sem"))
 def semget(key: int, nsems: int, flags: int) -> int:
     """semget(2); inside ``request(sem=N)`` the new set gets id N or IdBusyError."""
     return _get("sem", key, nsems, flags)
 
 
+@signals.door(undo=_undo_pinned_creation("shm"))
 def shmget(key: int, size: int, flags: int) -> int:
     """shmget(2); inside ``request(shm=N)`` the new segment gets id N or IdBusyError."""
     return _get("shm", key, size, flags)
 
 
+@signals.door(undo=_undo_pinned_creation("msg"))
 def msgget(key: int, flags: int) -> int:
     """msgget(2); inside ``request(msg=N)`` the new queue gets id N or IdBusyError."""
     return _get("msg", key, 0, flags)
 
 
+@signals.door()
 def remove(kind: str, id: int) -> None:
     """IPC_RMID the object ``id`` of ``kind`` ("sem", "shm" or "msg")."""
     _sys.ipc_remove(_code(kind), id)
@@ -742,6 +764,19 @@ def _check_distinct(specs):
         seen[slot] = spec.id
 
 
+def _undo_batch_made(ids):
+    # The batch's ids, paired with their kinds by the call (ids of kinds differ).
+    made = getattr(_last_batch, "made", None)
+    if made is not None and [id for _, id in made] == ids:
+        for kind, id in reversed(made):
+            _undo_created(kind, id, None)
+        _last_batch.made = None
+
+
+_last_batch = threading.local()
+
+
+@signals.door(undo=_undo_batch_made)
 def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> list[int]:
     """Create many pinned objects under one lock acquisition, all or nothing.
 
@@ -771,6 +806,7 @@ def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> l
                 ns.note(kind, id)
             for kind in {spec.kind for spec in specs}:
                 restore_knob(kind, ns)  # a block of this thread may have armed it
+        _last_batch.made = created
         return [id for _, id in created]
     except BaseException:
         if checked:

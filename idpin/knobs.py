@@ -34,7 +34,7 @@ import os
 import threading
 import time
 
-from . import _sys
+from . import _sys, signals
 from .errors import NEEDS_NAMESPACE_HINT, LockTimeoutError, UnsupportedError
 
 DEFAULT_LOCK_TIMEOUT = 5.0
@@ -54,7 +54,6 @@ def _timeout_from_environment():
             "%s=%r: it must be a number of seconds above 0" % (_ENV_TIMEOUT, text)
         )
     return value
-
 
 _lock_timeout = _timeout_from_environment()
 
@@ -253,6 +252,7 @@ class _Held:
     # C-level when the extension is built: see _sys.resumable_exit.
     __exit__ = _sys.resumable_exit
 
+    @signals.exit_steps
     def _exit(self, *exc):
         self.lock.release()  # resumable
         return False
@@ -261,8 +261,9 @@ class _Held:
 def wait_for_flock(fd, lock, timeout=None):
     """flock(LOCK_EX) on ``fd``, waiting at most ``timeout`` (default: lock_timeout()).
 
-    Polled with LOCK_NB and short sleeps, so the wait is bounded and a signal
-    handler that raises finds nothing half-done.
+    Polled with LOCK_NB and short sleeps, so the wait is bounded; signals
+    that arrive meanwhile are handled between two polls, where an exception
+    finds nothing half-done (Ctrl-C ends the wait at once).
     """
     try:
         _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,6 +278,7 @@ def wait_for_flock(fd, lock, timeout=None):
         if remaining <= 0:
             raise LockTimeoutError(lock.describe(), limit, lock_holders(lock.inode))
         time.sleep(min(delay, remaining))
+        signals.deliver_here()
         delay = min(delay * 2, 2e-3)
         try:
             _sys.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -340,6 +342,9 @@ class Namespace:
         self.label = label
         self.alloc = allocating(label)
         self.armed = {}
+        # (cursor found, values armed) this process recorded for a successor
+        # should it be killed with ns_last_pid armed (pids.record_cursor).
+        self.cursor_record = None
         self._watchers = {}
         self._steering = threading.local()
         self._knobs = {}
@@ -480,13 +485,25 @@ def write_knob(fd, name, value):
 
 # The lock order: a lock may be taken only after its ``before``.
 _BEFORE = {"ipc": "pid"}
+# What taking each kind's lock must do first (undo what a holder killed while
+# holding it left behind): set by the module owning the kind's knobs.
+ON_ACQUIRE = {}
 
 
-def namespace_lock(kind, on_acquire=None):
+def namespace_lock(kind):
     """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
     before = _BEFORE.get(kind)
     before_lock = namespace_lock(before).lock if before else None
-    return _namespace_for("/proc/self/ns/" + kind, kind, on_acquire, before_lock)
+    return _namespace_for("/proc/self/ns/" + kind, kind, _call_on_acquire(kind), before_lock)
+
+
+def _call_on_acquire(kind):
+    def on_acquire(lock):
+        hook = ON_ACQUIRE.get(kind)
+        if hook is not None:
+            hook(lock)
+
+    return on_acquire
 
 
 def directory_lock(path, label):

@@ -21,10 +21,18 @@ import os
 import signal
 import time
 
-from . import _sys, knobs
+from . import _sys, knobs, signals
 from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, uncredit, validate_int
+
+
+def undo_fork(child):
+    """A held signal's handler raised as the fork returned: the caller never gets the child."""
+    if child > 0:
+        undo_child(child)
+        uncredit("pid", child)
+
 
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 MECHANISMS = ("clone3", "ns_last_pid")
@@ -118,6 +126,7 @@ def thread_count() -> int:
         return threading.active_count()
 
 
+@signals.door(undo=undo_fork)
 def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     """Fork; the child gets ``pid`` (or this thread's pending pid request).
 
@@ -372,6 +381,21 @@ def fork_knob(pid):
 def _fork_with_knob(pid):
     ns = knobs.namespace_lock("pid")
     with ns.held(), ns.alloc:
+        record_cursor(ns, pid - 1)
+        try:
+            child = _knob_fork_held(ns, pid)
+        except BaseException:
+            forget_cursor(ns)
+            raise
+        if child == 0:
+            return 0  # the child leaves the record to its parent
+        # A tid block of this process armed the same cursor: give it back.
+        ns.rearm("ns_last_pid")
+        forget_cursor(ns)
+    return child
+
+
+def _knob_fork_held(ns, pid):
         try:
             child = _sys.knob_fork(ns.knob("ns_last_pid"), pid)
         except PermissionError:
@@ -384,11 +408,7 @@ def _fork_with_knob(pid):
         except BaseException:
             undo_interrupted_fork(pid)
             raise
-        if child == 0:
-            return 0
-        # A tid block of this process armed the same cursor: give it back.
-        ns.rearm("ns_last_pid")
-    return child
+        return child
 
 
 def undo_interrupted_fork(pid):
@@ -431,5 +451,82 @@ def undo_child(child):
     except ChildProcessError:
         pass  # SIGCHLD is ignored here: the kernel reaped it already
 
+
+# -- the cursor a holder armed ---------------------------------------------------------
+#
+# ns_last_pid has no idle value: a holder SIGKILLed with it armed would hand
+# its pid (or tid) to the next fork in the namespace, idpin's or not. So
+# before arming it, a holder records in a POSIX message queue (which belongs
+# to the IPC namespace and outlives the process) the cursor it found and the
+# values it arms; it removes the record once nothing of its is armed. The
+# next holder, on taking the lock, puts the cursor back if it still stands at
+# a recorded value: nothing has forked since. (A holder in another IPC
+# namespace sharing the pid namespace does not see the record.)
+
+
+def _cursor_record(ns):
+    return cursor_record_name(ns.lock.inode)
+
+
+def cursor_record_name(inode):
+    """The record's name for the pid namespace whose /proc/self/ns/pid has ``inode``."""
+    return "/idpin.pid-cursor.%d" % inode
+
+
+def record_cursor(ns, armed, previous=None):
+    """Record that this holder is about to arm ns_last_pid at ``armed``.
+
+    ``previous``: the cursor before this process armed anything (read here
+    if not given). Costs a few syscalls once per hold, a rewrite per new value.
+    """
+    held = ns.cursor_record
+    if held is not None and armed in held[1]:
+        return
+    if held is None:
+        if previous is None:
+            previous = _sys.knob_read(ns.knob("ns_last_pid"))
+        held = (previous, frozenset((armed,)))
+    else:
+        held = (held[0], held[1] | {armed})
+    text = " ".join(str(value) for value in (held[0],) + tuple(sorted(held[1])))
+    name = _cursor_record(ns)
+    try:
+        _sys.record_remove(name)  # this holder's own, or one put back on taking the lock
+        _sys.record_write(name, text.encode())
+    except OSError:
+        # No room for a POSIX queue (fs.mqueue.queues_max, RLIMIT_MSGQUEUE):
+        # armed without a record, as before records existed.
+        return
+    ns.cursor_record = held
+
+
+def forget_cursor(ns):
+    """Nothing of this holder's is armed any more: drop its record."""
+    if ns.cursor_record is not None and "ns_last_pid" not in ns.armed:
+        _sys.record_remove(_cursor_record(ns))
+        ns.cursor_record = None
+
+
+def put_back_dead_holders_cursor(lock):
+    """Taking the pid lock: a cursor a killed holder left armed is put back."""
+    ns = knobs.existing_namespace_lock("pid")
+    if ns is None or ns.lock is not lock:
+        return
+    name = _cursor_record(ns)
+    data = _sys.record_read(name)
+    if data is None:
+        return
+    try:
+        values = [int(field) for field in data.split()]
+    except ValueError:
+        values = []
+    if len(values) >= 2:
+        fd = ns.knob("ns_last_pid")
+        if _sys.knob_read(fd) in values[1:]:
+            knobs.write_knob(fd, "ns_last_pid", values[0])
+    _sys.record_remove(name)
+
+
+knobs.ON_ACQUIRE["pid"] = put_back_dead_holders_cursor
 
 register_kind(Kind("pid", validate_pid))

@@ -9,7 +9,7 @@ import errno
 import os
 from typing import NamedTuple
 
-from . import _sys, ipc, pids
+from . import _sys, ipc, pids, signals
 from . import pty as idpin_pty
 from .errors import NEEDS_NAMESPACE_HINT, UnsupportedError
 
@@ -39,6 +39,7 @@ INITIAL_NAMESPACE_INODES = {"pid_for_children": 0xEFFFFFFC, "ipc": 0xEFFFFFFF}
 NAMESPACE_OF = {"pid": "pid", "tid": "pid", "sem": "ipc", "shm": "ipc", "msg": "ipc"}
 
 
+@signals.door()
 def probe() -> dict[str, Capability]:
     """dict kind -> Capability for pid, tid, sem, shm, msg and pty."""
     caps = {"pid": probe_pid(), "tid": probe_tid()}

@@ -20,10 +20,10 @@ import resource
 import time
 from collections.abc import Iterable
 
-from . import _sys, knobs, pids
+from . import _sys, knobs, pids, signals
 from .errors import IdBusyError, IdpinError, RequestError, UnsupportedError
 from .interpose import ORIGINALS
-from .request import Kind, pending, register_kind, validate_int
+from .request import Kind, pending, register_kind, uncredit, validate_int
 
 PTMX = "/dev/ptmx"
 # fds the walk must leave free for the caller and for the interpreter itself.
@@ -118,6 +118,37 @@ def _check_fd_budget(highest):
         )
 
 
+def _close_quietly(*fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _undo_pair(pair):
+    """A held signal's handler raised as the pair was returned: the caller never gets it."""
+    master, slave = pair
+    try:
+        uncredit("pty", _sys.pty_index(master))
+    except OSError:
+        pass
+    _close_quietly(master, slave)
+
+
+def _undo_pairs(pairs):
+    for pair in pairs.values():
+        _close_quietly(*pair)
+
+
+def _undo_fork(result):
+    pid, master = result
+    if pid > 0:
+        _undo_pair((master, -1))
+        pids.undo_fork(pid)
+
+
+@signals.door(undo=_undo_pairs)
 def open_many(indices: Iterable[int], ptmx: str = PTMX) -> dict[int, tuple[int, int]]:
     """Open ptys with exactly these indices in one walk: {index: (master, slave)}.
 
@@ -262,6 +293,7 @@ def _pending_pair():
     return open_many([index])[index], req, index
 
 
+@signals.door(undo=_undo_pair)
 def openpty() -> tuple[int, int]:
     """os.openpty, honouring this thread's pending pty request."""
     pair, req, index = _pending_pair()
@@ -270,6 +302,7 @@ def openpty() -> tuple[int, int]:
     return pair
 
 
+@signals.door(undo=_undo_fork)
 def fork() -> tuple[int, int]:
     """pty.fork / os.forkpty: (pid, master fd); the child runs on the slave.
 

@@ -12,7 +12,7 @@ third-party libraries), an ``arm``/``disarm`` pair run at block entry and exit.
 import os
 import threading
 
-from . import _sys
+from . import _sys, signals
 from .errors import Id, RequestError
 
 _local = threading.local()
@@ -53,6 +53,7 @@ class Request:
     def __repr__(self) -> str:
         return "idpin.request(%s)" % ", ".join("%s=%r" % kv for kv in self.ids.items())
 
+    @signals.door(undo=lambda self: self._unwind())
     def __enter__(self) -> "Request":
         if self._state != "new":
             raise RuntimeError(
@@ -77,6 +78,7 @@ class Request:
     # raise between the with statement and the unwinding: _sys.resumable_exit.
     __exit__ = _sys.resumable_exit
 
+    @signals.exit_steps
     def _exit(self, exc_type, exc, tb):
         if self._state == "forked":
             # This is a forked child's copy of the block: the knobs and locks
@@ -191,6 +193,16 @@ def enclosing_pending_request(req, kind):
 
 def consume(req, kind, value):
     req.consumed[kind] = value
+
+
+def uncredit(kind, value):
+    """An allocation credited to a request of this thread was undone: the request is
+    pending again. Whether one was credited with it."""
+    for req in reversed(getattr(_local, "stack", None) or ()):
+        if req.consumed.get(kind) == value:
+            del req.consumed[kind]
+            return True
+    return False
 
 
 def _forget_in_child():

@@ -257,6 +257,8 @@ def leftovers(fds_before: set[int] | None = None) -> list[str]:
         found.append("pty indices %s still open" % ptys)
     if knobs.any_held():
         found.append("idpin namespace locks still held")
+    for name in records_left():
+        found.append("idpin's record %s (a POSIX message queue) left" % name)
     if fds_before is not None:
         # idpin keeps one namespace file and its knobs open per namespace.
         new = sorted(_open_fds() - fds_before - knobs.cached_fds())
@@ -264,6 +266,30 @@ def leftovers(fds_before: set[int] | None = None) -> list[str]:
             found.append("file descriptors left open: %s" % ", ".join(
                 "%d -> %s" % (fd, _fd_target(fd)) for fd in new))
     return found
+
+
+def records_left() -> list[str]:
+    """idpin's records (POSIX message queues, which outlive processes) left in this namespace.
+
+    A holder killed while holding idpin's lock leaves its record for the next
+    holder to act on: so this takes the locks as the next idpin user would,
+    and reports what is still there after that (and any record this process
+    itself still claims).
+    """
+    from . import ipc, pids
+
+    names = [ipc.LIMITS_RECORD, pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)]
+    if not any(_sys.record_exists(name) for name in names):
+        return []
+    mine = knobs.existing_namespace_lock("pid")
+    if mine is not None and mine.cursor_record is not None:
+        return ["%s (claimed by this process, which holds no lock)" % names[1]]
+    with ipc.ipc_lock().held():  # the pid lock first, then the IPC lock: both clean up
+        pass
+    left = [name for name in names if _sys.record_exists(name)]
+    for name in left:
+        _sys.record_remove(name)
+    return left
 
 
 def _fd_target(fd: int) -> str:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from . import _sys, knobs, pids
+from . import _sys, knobs, pids, signals
 from .errors import IdBusyError
 from .interpose import ORIGINALS
 from .request import Kind, consume, enclosing_pending_request, pending, register_kind
@@ -79,6 +79,7 @@ def arm(req, kind):
         # The cursor as the namespace had it: put back if the block ends
         # with the tid unused, so no later allocation takes it unasked.
         block.cursor = _sys.knob_read(ns.knob("ns_last_pid"))
+        pids.record_cursor(ns, req.ids["tid"] - 1, block.cursor)
         _arm_knob(ns, req.ids["tid"])
 
 
@@ -113,9 +114,11 @@ def _settle_and_clean(req, block):
                 if outer is not None:
                     # What the inner block made is not the outer block's to judge.
                     outer.armed["tid"].before = _tasks()
+                    pids.record_cursor(ns, outer.ids["tid"] - 1)
                     _arm_knob(ns, outer.ids["tid"])
                 elif block.cursor is not None:
                     _put_back_cursor(ns, req.ids["tid"] - 1, block.cursor)
+                pids.forget_cursor(ns)
             block.cleaned = True
 
 
@@ -141,6 +144,7 @@ def _settle_unrouted(req, before, routed):
         )
 
 
+@signals.door()  # a started thread cannot be taken back: handlers run after
 def start_thread(thread: threading.Thread) -> None:
     """threading.Thread.start, honouring this thread's pending tid request."""
     found = pending("tid")
@@ -153,14 +157,17 @@ def start_thread(thread: threading.Thread) -> None:
     with ns.held(), ns.alloc:
         _pinned.start = (ns, tid)
         try:
+            pids.record_cursor(ns, tid - 1)
             ORIGINALS["threading.Thread.start"](thread)
         finally:
             _pinned.start = None
             # Consumed (or lost): nothing of this block stays armed.
             ns.armed.pop("ns_last_pid", None)
+            pids.forget_cursor(ns)
     req.consumed["tid"] = tid
 
 
+@signals.door()
 def start_new_thread(function, args, kwargs=None):
     """threading's _start_new_thread: a pinned start goes through a carrier."""
     global _starts

@@ -57,25 +57,9 @@ def reap_everything():
 # -- items 3 and 4 at random points ------------------------------------------------------
 
 
-# What the random-point series can still find, open in issue 7 (each is
-# described in the issue's note; `idpin bench faults` counts them). Such a
-# leftover makes the series an expected failure that names it; a wrong id is
-# never expected, and the deterministic tests below gate every item.
-OPEN_LEFTOVERS = {
-    "kill": "a SIGKILLed holder's armed ns_last_pid (knob-path fork, tid block) is handed to "
-            "the next fork in the namespace: nothing records the cursor it replaced",
-    "interrupt": "a handler raising just after a C call that opened an fd (the devpts "
-                 "directory lock's open; the ctypes twin's ptmx walk and fork steps) loses it",
-    "storm": "handlers raising again and again during idpin's own cleanup can still leave a "
-             "lock, an fd or a child behind (cleanup is resumable only where it runs under "
-             "_sys.finish or _sys.resumable_exit)",
-}
-
-
 def assert_clean(tally):
-    assert tally["wrong"] == 0, describe(tally)
-    if tally["dirty"]:
-        pytest.xfail("open in issue 7: %s\n%s" % (OPEN_LEFTOVERS[tally["fault"]], describe(tally)))
+    # Every leftover and every wrong id fails: nothing of the series is expected.
+    assert tally["wrong"] == 0 and tally["dirty"] == 0, describe(tally)
 
 
 @pytest.mark.parametrize("kind", faults.KINDS)
@@ -1075,3 +1059,68 @@ def test_item1_a_thread_that_began_and_ended_inside_the_block_is_not_credited(ki
         assert kind not in req.consumed, "credited a transient thread's %s %d" % (kind, want)
     finally:
         remove_all_objects()
+
+
+# -- item 4: a holder SIGKILLed with ns_last_pid armed ----------------------------------------
+
+
+def killed_inside_a_tid_block(tid):
+    """A child that enters a tid block and is SIGKILLed there: (its pid, ns_last_pid after)."""
+    ready_read, ready_write = os.pipe()
+    never_read, never_write = os.pipe()
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        with idpin.request(tid=tid):
+            os.write(ready_write, b"1")
+            os.read(never_read, 1)  # until killed
+        os._exit(0)
+    os.read(ready_read, 1)
+    os.kill(child, signal.SIGKILL)
+    reap(child)
+    for fd in (ready_read, ready_write, never_read, never_write):
+        os.close(fd)
+    return child, knob("ns_last_pid")
+
+
+def test_item4_a_tid_block_killed_armed_has_the_cursor_put_back_by_the_next_user():
+    killed, cursor = killed_inside_a_tid_block(TID_A)
+    assert cursor == TID_A - 1  # armed, and nobody left to disarm it
+    with idpin.request(tid=TID_B):  # the next user of the pid namespace's lock
+        pass
+    assert knob("ns_last_pid") == killed  # the cursor the killed block found (its own fork)
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        os._exit(0)
+    reap(child)
+    assert child not in (TID_A, TID_B)
+
+
+def test_item4_a_cursor_moved_since_the_kill_is_not_put_back():
+    killed_inside_a_tid_block(TID_A)
+    # Someone forked in between (getting the killed block's tid: nothing
+    # could stop that): the cursor is theirs now, not the record's.
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        os._exit(0)
+    reap(child)
+    assert child == TID_A
+    with idpin.request(tid=TID_B):
+        pass
+    assert knob("ns_last_pid") == TID_A
+
+
+def test_item4_a_knob_path_fork_leaves_no_record_and_the_cursor_past_its_pid():
+    # Multi-threaded: the knob path; its record is dropped once the fork is done.
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()
+    try:
+        with idpin.request(pid=PID_A):
+            child = os.fork()
+            if child == 0:
+                os._exit(0 if os.getpid() == PID_A else 1)
+    finally:
+        stop.set()
+        parked.join()
+    assert reap(child) == 0 and child == PID_A
+    assert testing.records_left() == []

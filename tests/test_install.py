@@ -1,6 +1,7 @@
 """``import idpin`` routes the stdlib's id-allocating calls; uninstall() and install() undo and redo it."""
 import os
 import pty
+import signal
 import subprocess
 import threading
 
@@ -13,7 +14,9 @@ ROUTED = {"os.fork": (os, "fork"), "os.forkpty": (os, "forkpty"), "os.openpty": 
           "threading._start_new_thread": (threading, "_start_new_thread"),
           "subprocess._fork_exec": (subprocess, "_fork_exec"),
           "os.posix_spawn": (os, "posix_spawn"), "os.posix_spawnp": (os, "posix_spawnp"),
-          "os.system": (os, "system")}
+          "os.system": (os, "system"),
+          # handlers are held while idpin runs (idpin.signals)
+          "signal.signal": (signal, "signal"), "signal.getsignal": (signal, "getsignal")}
 
 
 def current(name):

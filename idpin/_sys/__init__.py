@@ -17,6 +17,7 @@ import signal
 
 from typing import TYPE_CHECKING
 
+from .. import signals as _signals
 from ._abi import *  # noqa: F401,F403  (constants are part of the interface)
 from ._glibc import tid_cache_offset  # noqa: F401
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from ._ctypes import (  # noqa: F401
         clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
         ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
-        pty_peer, setns, unshare)
+        pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -51,6 +52,7 @@ INTERFACE = (
     "shm_read",
     "record_write",
     "record_read",
+    "record_exists",
     "record_remove",
     "pty_index",
     "pty_peer",
@@ -132,7 +134,13 @@ def _python_resumable_exit(self, exc_type, exc, tb):
     signal handler can still raise at this function's first instruction and
     between its calls.
     """
-    return _python_finish(self._exit, exc_type, exc, tb)
+    try:
+        result = _python_finish(self._exit, exc_type, exc, tb)
+    except BaseException:
+        _signals.exit_door(2)
+        raise
+    _signals.exit_door(2)
+    return result
 
 
 def _python_finish(fn, *args):
@@ -154,9 +162,11 @@ def _python_finish(fn, *args):
 try:
     # Control flow, not syscalls: taken from the extension whichever
     # backend makes the syscalls.
-    from ._cython import finish, resumable_exit
+    from ._cython import finish, resumable_exit, set_exit_door
 except ImportError:
     finish, resumable_exit = _python_finish, _python_resumable_exit
+else:
+    set_exit_door(_signals.exit_door, _signals.held)
 
 try:
     tid_cache_offset()

@@ -435,6 +435,23 @@ def record_read(name):
     return buf.raw[:got]
 
 
+def record_exists(name):
+    """Whether the record ``name`` exists (its message, if any, left in place)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        code = ctypes.get_errno()
+        if queue >= 0:
+            _libc.mq_close(queue)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if queue >= 0:
+        return True
+    if code == errno.ENOENT:
+        return False
+    raise OSError(code, os.strerror(code), name)
+
+
 def record_remove(name):
     """Remove the record ``name``; nothing if there is none."""
     if _libc.mq_unlink(os.fsencode(name)) < 0:

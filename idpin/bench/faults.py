@@ -45,7 +45,7 @@ import time
 
 import idpin
 
-from .. import _sys, knobs, testing
+from .. import _sys, knobs, signals, testing
 from .. import ipc
 from ..interpose import ORIGINALS
 from ..request import ORDER, pending
@@ -71,7 +71,6 @@ LIMITS = ("msgmni", "shmmni", "shmall", "sem")
 _HERE = os.path.abspath(__file__)
 if _HERE.endswith((".pyc", ".pyo")):
     _HERE = _HERE[:-1]
-_IDPIN_DIR = os.path.dirname(os.path.abspath(idpin.__file__)) + os.sep
 
 
 # -- what a caller holds ---------------------------------------------------------
@@ -613,6 +612,8 @@ def leftovers(limits, fds_before, wanted_pids, other_thread=None):
         problems.append("pty indices %s left open" % ptys)
     if knobs.any_held():
         problems.append("idpin.knobs.any_held() is true with no block active")
+    for name in testing.records_left():
+        problems.append("idpin's record %s (a POSIX message queue) left" % name)
     for path in held_lock_files():
         holders = ["pid %d" % pid for pid, inode in flocks()
                    if inode.endswith(":%d" % os.stat(path).st_ino)]
@@ -895,18 +896,25 @@ class _Interrupter:
 
 
 def _inside_idpin(frame):
-    # Walk out from the interrupted frame to the caller's (this module's)
-    # own code: a frame of idpin's on the way means the signal landed
-    # inside an idpin call (contextlib or threading frames called by idpin
-    # count as idpin's).
+    # Where the signal arrived (handlers get that frame, even when idpin held
+    # them): inside a call through one of idpin's doors, whatever code the
+    # call was running (contextlib, threading, an at-fork hook). Not inside:
+    # the caller's own code, and a delivery the caller's code set off (a
+    # signal arriving while idpin's wrapper ran a handler for one that
+    # arrived in the caller's lines), whose exception lands in the caller's
+    # lines as it would without idpin.
     while frame is not None:
-        name = frame.f_code.co_filename
-        if name == _HERE:
+        code = frame.f_code
+        if code is _WRAPPER_CALL or code.co_filename == _HERE:
             return False
-        if name.startswith(_IDPIN_DIR):
+        if code in _DOOR_CODES:
             return True
         frame = frame.f_back
     return False
+
+
+_WRAPPER_CALL = signals.HeldInsideIdpin.__call__.__code__
+_DOOR_CODES = signals.door_codes()
 
 
 def _time_op(op, rng, runs=3):

@@ -5,6 +5,7 @@ patched: idpin's own mechanisms call these, never the routed versions.
 """
 import os
 import pty
+import signal
 import subprocess
 import threading
 
@@ -21,4 +22,6 @@ ORIGINALS = {
     "os.posix_spawn": os.posix_spawn,
     "os.posix_spawnp": os.posix_spawnp,
     "os.system": os.system,
+    "signal.signal": signal.signal,
+    "signal.getsignal": signal.getsignal,
 }

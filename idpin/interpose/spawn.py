@@ -85,12 +85,13 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 # signal.pthread_sigmask converts every signal of the returned set to an
 # enum member: a millisecond per call on a loaded machine, twice per spawn.
 # _signal's is the same C function without the conversion.
 from _signal import pthread_sigmask as _pthread_sigmask
 
-from .. import _sys, pids
+from .. import _sys, pids, signals
 from ..errors import UnsupportedError
 from ..request import consume, pending
 from . import ORIGINALS
@@ -113,9 +114,13 @@ _SPAWN_KEYWORDS = ("file_actions", "setpgroup", "resetids", "setsid", "setsigmas
                    "scheduler")
 
 
+
 # ------------------------------------------------------------------ routes
 
-
+# A held signal's handler raising as a process creation returns: the caller
+# never gets the process, so it is killed and reaped (and a pid request that
+# was credited with it is pending again).
+@signals.door(undo=pids.undo_fork)
 def fork_exec(*args):
     found = pending("pid")
     if found is None:
@@ -123,6 +128,7 @@ def fork_exec(*args):
     return create_pinned(found, PopenChild(args)).pid
 
 
+@signals.door(undo=pids.undo_fork)
 def posix_spawn(*args, **kwargs):
     found = pending("pid")
     if found is None:
@@ -132,6 +138,7 @@ def posix_spawn(*args, **kwargs):
     return _spawn_or_raise(found, child)
 
 
+@signals.door(undo=pids.undo_fork)
 def posix_spawnp(*args, **kwargs):
     found = pending("pid")
     if found is None:
@@ -141,6 +148,7 @@ def posix_spawnp(*args, **kwargs):
     return _spawn_or_raise(found, child)
 
 
+@signals.door()  # the command has run: handlers run after, as after os.system
 def system(command):
     found = pending("pid")
     if found is None:
@@ -148,10 +156,11 @@ def system(command):
     return _system_pinned(found, command)
 
 
-for _routed, _original in ((fork_exec, "subprocess._fork_exec"), (posix_spawn, "os.posix_spawn"),
-                           (posix_spawnp, "os.posix_spawnp"), (system, "os.system")):
-    _routed.__doc__ = "%s, routed through idpin (see idpin.interpose.spawn)." % _original
-    _routed.__wrapped__ = ORIGINALS[_original]  # type: ignore[attr-defined]
+_route: Any
+for _route, _original in ((fork_exec, "subprocess._fork_exec"), (posix_spawn, "os.posix_spawn"),
+                          (posix_spawnp, "os.posix_spawnp"), (system, "os.system")):
+    _route.__doc__ = "%s, routed through idpin (see idpin.interpose.spawn)." % _original
+    _route.__wrapped__ = ORIGINALS[_original]
 
 
 # ------------------------------------------------------------------ the pinned process

@@ -12,12 +12,13 @@ functions and fall back to another pty, which would swallow IdBusyError.
 """
 import os
 import pty as stdlib_pty
+import signal
 import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from .. import pids, tids
+from .. import pids, signals, tids
 from .. import pty as idpin_pty
 from . import ORIGINALS, spawn
 from ..request import pending
@@ -75,6 +76,9 @@ ROUTES: dict[tuple[Any, str], Callable[..., Any]] = {
     (os, "posix_spawn"): spawn.posix_spawn,
     (os, "posix_spawnp"): spawn.posix_spawnp,
     (os, "system"): spawn.system,
+    # Python signal handlers are held while idpin runs (see idpin.signals).
+    (signal, "signal"): signals.routed_signal,
+    (signal, "getsignal"): signals.routed_getsignal,
 }
 
 
@@ -86,6 +90,7 @@ def install() -> None:
     idpin`` does it)."""
     for (owner, name), routed in ROUTES.items():
         setattr(owner, name, routed)
+    signals.install()
 
 
 def uninstall() -> None:
@@ -98,6 +103,7 @@ def uninstall() -> None:
     unpinned fork is no longer steered past a tid another thread armed.
     Call it outside request blocks; ``install()`` routes them again.
     """
+    signals.uninstall()
     for (owner, name), _ in ROUTES.items():
         key = "%s.%s" % ("threading.Thread" if owner is threading.Thread else owner.__name__, name)
         setattr(owner, name, ORIGINALS[key])
