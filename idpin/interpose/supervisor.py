@@ -943,7 +943,9 @@ class Supervisor:
                 return OK
             instance = idpin_pty.find_instance()
             if os.fstat(theirs).st_dev != instance.dev:
-                return BUSY  # another devpts instance than ours
+                # Another devpts instance than ours, if the fd read was the
+                # waiting call's (BUSY spends the pending id).
+                return BUSY if self._valid(channel, notification) else GONE
             status = fcntl.fcntl(theirs, fcntl.F_GETFL)
             cloexec = _fd_cloexec(tgid, fd)
         finally:
