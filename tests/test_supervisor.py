@@ -6,10 +6,12 @@ namespaces (conftest), so the supervisor is in the programs' namespaces and
 the planned ids are free; the runner checks nothing is left behind
 (processes, IPC objects, armed knobs, ptys, fds, locks).
 """
+import ctypes
 import errno
 import json
 import os
 import pathlib
+import select
 import shutil
 import signal
 import socket
@@ -24,24 +26,37 @@ import idpin
 from idpin import _sys, cli
 from idpin.interpose import ORIGINALS
 from idpin.interpose import filter as seccomp_filter
+from idpin.interpose import supervisor as supervisor_module
 from idpin.interpose.supervisor import parse_request
 from idpin.testing import open_fds as testing_open_fds
 
-from helpers import as_root_and_nobody, knob, reap
+from helpers import as_root_and_nobody, knob, reap, wait_until
 
-SOURCE = pathlib.Path(__file__).resolve().parent / "programs" / "allocate.c"
+PROGRAMS = pathlib.Path(__file__).resolve().parent / "programs"
 SEM, SHM, MSG = (2 << 15) | 7, (3 << 15) | 4, (1 << 15) | 9
+
+
+def _compiled(name):
+    """tests/programs/NAME.c, compiled in a directory nobody can read too; yields its path."""
+    workdir = tempfile.mkdtemp(prefix="idpin-test-supervisor-")
+    os.chmod(workdir, 0o755)
+    binary = os.path.join(workdir, name)
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", binary, str(PROGRAMS / (name + ".c")), "-lutil"],
+                   check=True, timeout=120)
+    yield binary
+    shutil.rmtree(workdir)
 
 
 @pytest.fixture(scope="module")
 def allocate():
-    """tests/programs/allocate.c, compiled for this module (readable by nobody too)."""
-    workdir = tempfile.mkdtemp(prefix="idpin-test-supervisor-")
-    os.chmod(workdir, 0o755)
-    binary = os.path.join(workdir, "allocate")
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", binary, str(SOURCE), "-lutil"], check=True, timeout=120)
-    yield binary
-    shutil.rmtree(workdir)
+    """tests/programs/allocate.c, compiled for this module."""
+    yield from _compiled("allocate")
+
+
+@pytest.fixture(scope="module")
+def rewrite():
+    """tests/programs/rewrite.c: a second thread rewrites what the first passes to a trapped call."""
+    yield from _compiled("rewrite")
 
 
 def plan_of(processes):
@@ -403,3 +418,299 @@ def test_the_notification_calls_leak_neither_objects_nor_fds(backend):
         for fd in (listener, stop_read, stop_write):
             os.close(fd)
         reap(child)
+
+
+# ---------------------------------------------------------------- the program rewriting its memory meanwhile
+
+REWRITES = 40
+
+
+def test_a_request_line_rewritten_during_the_write_acts_as_the_copy_the_supervisor_validated(rewrite):
+    # The line flips between "pid=4500" and "pid=xxxx" (any mix of the two is
+    # invalid) while the write waits: each write either asked for 4500, and
+    # the fork after it gets exactly 4500, or failed with EINVAL, and the fork
+    # after it is ordinary (nothing was left pending).
+    lines, status, log, errors, stderr = run([rewrite, "request", "4500", str(REWRITES)])
+    assert status == 0, stderr
+    asked = [line for line in lines if line.startswith("ok=")]
+    refused = [line for line in lines if line.startswith("einval=")]
+    assert len(asked) + len(refused) == REWRITES, lines
+    assert asked == ["ok=4500"] * len(asked)
+    assert all(int(line.split("=")[1]) not in (-1, 4500) for line in refused), refused
+    assert [entry[1:] for entry in log] == [("pid", 4500, "ok")] * len(asked)
+    assert len(errors) == len(refused) and all("bad request line" in error for error in errors), errors
+
+
+@pytest.mark.parametrize("bad_flags", [
+    pytest.param(1 << 40, id="unknown-flag"),
+    pytest.param(0x10000, id="clone-thread-alone"),  # CLONE_THREAD without CLONE_SIGHAND
+])
+def test_a_clone3_block_rewritten_during_the_call_gives_the_asked_pid_or_einval(rewrite, bad_flags):
+    # Each clone3 follows a request for pid 4600 while a second thread flips
+    # its flags between 0 (a plain process) and an invalid value: the kernel
+    # reads the block again when the call continues, so each call either
+    # creates a process with exactly pid 4600 or fails with EINVAL; never a
+    # process with another pid, never a thread.
+    lines, status, log, errors, stderr = run([rewrite, "clone3", "4600", str(REWRITES), "%x" % bad_flags])
+    assert status == 0, stderr
+    made = [line for line in lines if line == "clone3=4600"]
+    failed = [line for line in lines if line == "clone3:errno=%d" % errno.EINVAL]
+    assert len(made) + len(failed) == REWRITES, (lines, log)
+    outcomes = [entry[1:] for entry in log]
+    assert outcomes.count(("pid", 4600, "ok")) == len(made), outcomes
+    assert errors == []
+
+
+def test_a_fork_interrupted_before_it_is_received_is_retried_and_gets_the_planned_pid(rewrite):
+    # A trapped call waits interruptibly until it is received: a signal then
+    # fails it with EINTR (no SA_RESTART). Nobody receives here until the
+    # signal has done so; the call is gone (RECV: ENOENT, no error), the plan
+    # entry is not spent, and the program's retry gets it.
+    ours, theirs = socket.socketpair()
+    out_read, out_write = os.pipe()
+    go_read, go_write = os.pipe()
+    bpf = seccomp_filter.build_bpf()
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        try:
+            os.dup2(go_read, 0)
+            os.dup2(out_write, 1)
+            listener = _sys.seccomp_listen(bpf, _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
+            socket.send_fds(theirs, [b"L"], [listener])
+            os.execv(rewrite, [rewrite, "eintr"])
+        finally:
+            os._exit(70)
+    theirs.close()
+    os.close(out_write)
+    os.close(go_read)
+    listener = socket.recv_fds(ours, 1, 1)[1][0]
+    ours.close()
+    requests, program_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with os.fdopen(out_read, "rb") as out:
+        try:
+            assert out.readline() == b"forking\n"
+            waiting = select.poll()
+            waiting.register(listener, select.POLLIN)
+            assert waiting.poll(10_000), "the program's fork was never trapped"
+            os.kill(child, signal.SIGUSR1)
+            assert out.readline() == b"pid:errno=%d\n" % errno.EINTR
+            assert _sys.notif_recv(listener) is None  # the interrupted call is gone
+            with idpin.Supervisor(plan_of([{"pid": child, "next": {"pid": [700]}}])) as sup:
+                sup.attach(listener, requests)
+                listener = -1  # the supervisor's now
+                os.write(go_write, b"g")
+                assert out.readline() == b"pid=700\n"
+                assert reap(child) == 0
+                assert (sup.log, sup.errors) == ([(child, "pid", 700, "ok")], [])
+                child = 0
+        finally:
+            if child:
+                os.kill(child, signal.SIGKILL)
+                reap(child)
+            if listener >= 0:
+                os.close(listener)
+            os.close(go_write)
+            program_end.close()
+
+
+REQUEST_FD = 99  # trapped whatever it is: the filter matches the number
+
+
+@pytest.mark.parametrize("call", ["write", "clone3"])
+def test_memory_read_after_its_caller_died_and_its_pid_was_reused_is_not_acted_on(call):
+    # The caller is killed after its call was received, and another process
+    # gets its pid with the same bytes at the same address (both forked from
+    # here, the buffers made before): the supervisor's read succeeds, and
+    # only NOTIF_ID_VALID tells that what it read is not the call's. Nothing
+    # may come of it: no request recorded, no knob armed, no error.
+    line = ctypes.create_string_buffer(b"pid=800", 7)
+    clone_args = ctypes.create_string_buffer(88)
+    struct_args = (ctypes.c_uint64 * 11).from_buffer(clone_args)
+    struct_args[4] = signal.SIGCHLD  # exit_signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    bpf = seccomp_filter.build_bpf(request_fd=REQUEST_FD)
+    ours, theirs = socket.socketpair()
+    caller = ORIGINALS["os.fork"]()
+    if caller == 0:
+        try:
+            socket.send_fds(theirs, [b"L"], [_sys.seccomp_listen(bpf, 0)])
+            if call == "write":
+                libc.write(REQUEST_FD, line, 7)
+            else:
+                libc.syscall(435, clone_args, 88)  # SYS_clone3
+        finally:
+            os._exit(0)
+    theirs.close()
+    listener = socket.recv_fds(ours, 1, 1)[1][0]
+    ours.close()
+    requests, program_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    requests.setblocking(False)
+    wait_read, wait_write = os.pipe()
+    try:
+        notification = _sys.notif_recv(listener)
+        assert notification[1] == caller
+        os.kill(caller, signal.SIGKILL)
+        reap(caller)
+        with idpin.request(pid=caller):
+            impostor = os.fork()
+        if impostor == 0:
+            os.read(wait_read, 1)
+            os._exit(0)
+        try:
+            assert impostor == caller
+            address = notification[5][0 if call == "clone3" else 1]
+            expected = clone_args.raw[:8] if call == "clone3" else line.raw
+            assert _sys.process_vm_read(impostor, address, len(expected)) == expected
+            with idpin.Supervisor(plan_of([{"pid": caller, "next": {"pid": [900]}}])) as sup:
+                channel = supervisor_module._Channel(requests)
+                channel.listener = listener
+                last_pid = knob("ns_last_pid")  # the supervisor's threads are made
+                sup._handle(channel, notification)
+                assert knob("ns_last_pid") == last_pid
+                assert (sup.log, sup.errors) == ([], [])
+                assert sup.pending.peek(caller, caller, "pid") == ("plan", 900)  # the plan's, not the line's
+        finally:
+            os.write(wait_write, b"x")
+            reap(impostor)
+    finally:
+        for fd in (listener, wait_read, wait_write):
+            os.close(fd)
+        requests.close()
+        program_end.close()
+
+
+def test_the_clone3_blocks_the_supervisor_refuses_itself_are_the_ones_the_kernel_refuses():
+    # What the supervisor answers EINVAL from its copy must be EINVAL from
+    # the kernel too, and what it lets through must not be refused by it.
+    from idpin.interpose.supervisor import _clone3_invalid
+
+    invalid = [(1 << 40, 17), (0x11, 17), (0x00400000, 17), (0x10000, 0), (0x800, 0), (0x8000, 17),
+               (0, 65), (0, 0x100), (0x100 | 0x800 | (1 << 32), 0)]
+    pthread = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000 | 0x80000 | 0x100000 | 0x200000
+    valid = [(0, 17), (0x8000, 0), (pthread, 0), (0x100 | 0x4000, 17), (0x80, 17), (1 << 32, 17)]
+    assert [_clone3_invalid(*case) for case in invalid + valid] == [True] * len(invalid) + [False] * len(valid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    for flags, exit_signal in invalid:
+        block = (ctypes.c_uint64 * 11)(flags, 0, 0, 0, exit_signal)
+        rc = libc.syscall(435, block, 88)  # SYS_clone3
+        if rc == 0:
+            libc.syscall(231, 0)  # SYS_exit_group: a child the kernel should not have made
+        if rc > 0:
+            reap(rc)
+        assert (rc, ctypes.get_errno()) == (-1, errno.EINVAL), (hex(flags), exit_signal)
+
+
+# ---------------------------------------------------------------- faults while a call waits
+
+def test_forks_under_interrupting_signals_keep_their_planned_pids_none_lost(rewrite):
+    # SIGALRM every 2 ms through a handler without SA_RESTART: a fork hit
+    # before it is received fails with EINTR and the program tries again; a
+    # received one waits killably and runs. No plan entry may be spent on a
+    # fork that failed, and none may go to another fork.
+    wanted = list(range(1100, 1130))
+    plan = plan_of([{"pid": 100, "next": {"pid": wanted}}])
+    lines, status, _, errors, stderr = run([rewrite, "storm", str(len(wanted))], plan, pid=100, timeout=30)
+    assert (status, errors) == (0, []), stderr
+    assert lines[:-1] == ["pid=%d" % pid for pid in wanted]
+    assert lines[-1].startswith("retried=")
+
+
+def test_a_program_killed_while_its_pinned_semget_waits_leaves_no_knob_armed(rewrite):
+    # The semget is refused before it reads the knob the supervisor armed
+    # (too many semaphores), and the program is killed before it makes
+    # another call: the supervisor's wait ends and it consumes the knob.
+    plan = plan_of([{"pid": 100, "next": {"sem": [SEM]}}])
+    with idpin.Supervisor(plan) as sup:
+        proc = sup.spawn([rewrite, "stalled"], pid=100, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"sem:errno=%d\n" % errno.EINVAL
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    assert [entry[1:] for entry in sup.log] == [("sem", SEM, "not-allocated")]
+    assert sup.errors == []
+    assert knob("sem_next_id") == -1
+
+
+def test_a_supervisor_killed_while_a_knob_is_armed_leaves_it_to_the_next_idpin_user(rewrite, monkeypatch):
+    # Killed between arming sem_next_id and seeing it consumed, the
+    # supervisor can undo nothing: the program's later calls fail (ENOSYS,
+    # never the armed id), and the next process to take idpin's IPC lock
+    # finds the knob armed by a dead holder and consumes it.
+    # The supervisor waits for the call's end long enough to be killed in it.
+    monkeypatch.setattr(supervisor_module._wait_knob, "__defaults__", (60.0,))
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    out_read, out_write = os.pipe()
+    supervisor = ORIGINALS["os.fork"]()
+    if supervisor == 0:
+        try:
+            sup = idpin.Supervisor(plan_of([{"pid": 100, "next": {"sem": [SEM]}}]))
+            sup.spawn([rewrite, "stalled"], pid=100, stdin=go_read, stdout=out_write)
+            os.write(ready_write, b"r")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    for fd in (ready_write, go_read, out_write):
+        os.close(fd)
+    with os.fdopen(out_read, "rb") as out:
+        try:
+            assert os.read(ready_read, 1) == b"r"
+            assert out.readline() == b"sem:errno=%d\n" % errno.EINVAL
+            assert knob("sem_next_id") == SEM  # the supervisor waits for the call to consume it
+            os.kill(supervisor, signal.SIGKILL)
+            reap(supervisor)
+            os.write(go_write, b"g")
+            assert out.readline() == b"sem:errno=%d\n" % errno.ENOSYS
+            # Reparented to this test's init. Its exit_group is trapped too
+            # and fails with ENOSYS, so glibc's _exit ends it with a fault:
+            # reaped, whatever its status.
+            reap(100)
+            assert knob("sem_next_id") == SEM
+            with idpin.request(sem=SEM + 1):
+                pass
+            assert knob("sem_next_id") == -1
+        finally:
+            os.close(ready_read)
+            os.close(go_write)
+
+
+def test_a_clone3_block_rewritten_between_a_thread_and_a_process_never_keeps_a_wrong_pid(rewrite):
+    # Both blocks are valid, so the supervisor cannot refuse either: each
+    # clone3 follows a request for pid 4700, and the kernel makes what it
+    # reads once the call continues. A process made that way has exactly
+    # 4700, or it is killed and recorded (the block was a thread's when the
+    # supervisor read it, or 4700 was not free yet); a thread may have any
+    # tid, 4700 included.
+    lines, status, log, errors, stderr = run([rewrite, "kinds", "4700", str(REWRITES)])
+    assert status == 0, stderr
+    processes = [line for line in lines if line.startswith("process=")]
+    threads = [line for line in lines if line.startswith("thread=")]
+    busy = [line for line in lines if line == "clone3:errno=%d" % errno.EBUSY]
+    assert len(processes) + len(threads) + len(busy) == REWRITES, lines
+    killed = [line for line in processes if line.endswith(":%d" % signal.SIGKILL)]
+    assert sorted(processes) == sorted(["process=4700:0"] * (len(processes) - len(killed)) + killed), lines
+    assert len([error for error in errors if "killed it" in error]) == len(killed), errors
+    assert all(entry[1:] in (("pid", 4700, "ok"), ("pid", 4700, "wrong"), ("pid", None, "wrong"),
+                             ("pid", 4700, "busy")) for entry in log), log
+
+
+def test_a_pinned_call_that_failed_early_is_over_while_its_thread_waits_elsewhere(rewrite, monkeypatch):
+    # The semget is refused before it reads the knob, and the program then
+    # waits in read(2), which is not trapped: no newer trap will tell the
+    # supervisor the call is over. /proc does (the thread is in another
+    # syscall): the knob is consumed and the plan entry kept, long before
+    # the (here 60 s) bound on the wait.
+    monkeypatch.setattr(supervisor_module._wait_knob, "__defaults__", (60.0,))
+    plan = plan_of([{"pid": 100, "next": {"sem": [SEM]}}])
+    with idpin.Supervisor(plan) as sup:
+        proc = sup.spawn([rewrite, "stalled"], pid=100, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"sem:errno=%d\n" % errno.EINVAL
+        assert wait_until(lambda: sup.log, timeout=30)
+        assert [entry[1:] for entry in sup.log] == [("sem", SEM, "not-allocated")]
+        assert knob("sem_next_id") == -1
+        out, _ = proc.communicate(b"g", timeout=30)
+        assert (out, proc.returncode) == (b"sem=%d\n" % SEM, 0)  # the entry was kept for it
+        assert sup.errors == []

@@ -33,6 +33,19 @@ its process. With one:
   itself (idpin.pty.open_many), put it in place of the caller's master with
   NOTIF_ADDFD + SETFD, then CONTINUE: the ioctl runs on the right master.
 
+Target memory (a request line, a clone3 argument block) is read once;
+NOTIF_ID_VALID then confirms the call still waits (its thread may have died
+and its number gone to another task), and only that copy is acted on. A
+continued clone3 is read again by the kernel, after any rewrite by another
+thread of the program: a copy the kernel would refuse is refused here
+(EINVAL), so no allocation follows a block that was invalid when validated;
+a valid block rewritten into another valid one during the call is the
+program racing itself, and the kernel does what it reads then: a pinned
+process turned into a thread gets the pinned number as its tid (recorded
+in ``errors``); a thread turned into a process while a pid is pending is
+killed and recorded, so a clone3 that reads as a thread then is continued
+under the pid lock and watched.
+
 A taken id fails the call with EBUSY (a plan entry only with strict=True;
 otherwise the call is ordinary). A continued call cannot be failed any
 more: if verification finds a wrong id (only a process outside the
@@ -43,6 +56,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import queue
 import socket
@@ -62,9 +76,24 @@ from . import filter as seccomp_filter
 ENV = "IDPIN_REQUEST_FD"
 CLONE_THREAD = 0x00010000
 CLONE_PARENT = 0x00008000
+CLONE_VM = 0x00000100
+CLONE_SIGHAND = 0x00000800
+CLONE_DETACHED = 0x00400000
+CLONE_NEWTIME = 0x00000080
+CSIGNAL = 0x000000FF
+CLONE_CLEAR_SIGHAND = 1 << 32
+CLONE_INTO_CGROUP = 1 << 33
+# clone3's argument block up to exit_signal: flags, pidfd, child_tid,
+# parent_tid, exit_signal (u64 each); the kernel wants at least 64 bytes.
+CLONE3_READ = 40
+CLONE3_MIN_SIZE = 64
 # Bounds on waiting for a continued call to allocate (it fails early, never
 # allocating, only on bad arguments or limits), and for its task to show.
 SETTLE_SECONDS = 2.0
+# How many quick tests of a continued call's end come before the slower one
+# that also asks /proc whether its thread is alive (the call usually ends
+# within the first few).
+DEATH_CHECK_AFTER = 200
 LISTENER_SECONDS = 30.0
 MAX_REQUEST_BYTES = 4096
 # i386's ipc() multiplexer: call numbers (linux/ipc.h).
@@ -322,6 +351,9 @@ class _Channel:
         self.thread = None
 
 
+# _classify: a call the kernel would refuse with EINVAL, judged from the copy read.
+INVALID = ("invalid", None)
+
 # Outcomes of a pinning attempt.
 OK, BUSY, WRONG, NOT_ALLOCATED, GONE = "ok", "busy", "wrong", "not-allocated", "gone"
 
@@ -356,6 +388,7 @@ class Supervisor:
         self._holds = 0
         self._latest = {}
         self._installed_ptys = set()
+        self._pid_namespace = None
         self._state_lock = threading.Lock()
         self._closed = False
         self._filter_flags = _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
@@ -617,6 +650,8 @@ class Supervisor:
         what = self._classify(channel, notification, name)
         if what is None:
             return self._answer(channel, notification)
+        if what is INVALID:
+            return self._answer(channel, notification, -errno.EINVAL)
         kind, detail = what
         tgid = _tgid(tid)
         found = self.pending.peek(tid, tgid, kind) if tgid else None
@@ -624,6 +659,8 @@ class Supervisor:
             if self.strict:
                 self.log.append((tgid, kind, None, BUSY))
                 return self._answer(channel, notification, -errno.EBUSY)
+            if name == "clone3" and kind == "tid" and self.pending.peek(tid, tgid, "pid"):
+                return self._continue_watched(channel, notification, tgid)
             return self._answer(channel, notification)
         source, want = found
         pin = {"pid": self._pin_pid, "tid": self._pin_pid, "pty": self._pin_pty}.get(kind, self._pin_ipc)
@@ -645,13 +682,21 @@ class Supervisor:
         if name == "clone":
             flags = args[0]
         elif name == "clone3":
+            if args[1] < CLONE3_MIN_SIZE:
+                return None  # the kernel fails it with EINVAL before reading it
             try:
-                raw = _sys.process_vm_read(notification[1], args[0], 8)
+                raw = _sys.process_vm_read(notification[1], args[0], CLONE3_READ)
             except OSError:
-                return None  # the kernel will fail it with EFAULT
-            if len(raw) != 8 or not self._valid(channel, notification):
+                return None  # gone, or the kernel fails it with EFAULT
+            if len(raw) != CLONE3_READ or not self._valid(channel, notification):
                 return None
-            flags = struct.unpack("=Q", raw)[0]
+            flags, _, _, _, exit_signal = struct.unpack("=5Q", raw)
+            if _clone3_invalid(flags, exit_signal):
+                # The kernel reads the block again once continued, and a
+                # thread of the program may have rewritten it by then:
+                # decide from the copy validated, which no allocation
+                # could follow.
+                return INVALID
         elif name == "msgget":
             return "msg", (args[0], 0, args[1])  # msgget(key, flags)
         elif name in _GET_KIND:
@@ -681,9 +726,13 @@ class Supervisor:
         try:
             data = _sys.process_vm_read(tid, args[1], count)
         except OSError:
-            return self._answer(channel, notification, -errno.EFAULT)
+            data = None
+        # Only now is what was read the waiting call's (its thread may have
+        # died and its number gone to another task): decide from this copy.
         if not self._valid(channel, notification):
-            return False  # the call went away; what was read may be another's
+            return False
+        if data is None or len(data) != count:
+            return self._answer(channel, notification, -errno.EFAULT)
         try:
             ids = parse_request(data)
         except RequestError as err:
@@ -713,7 +762,7 @@ class Supervisor:
     # -- pids and tids: ns_last_pid under the lock, CONTINUE, verify
 
     def _pin_pid(self, channel, notification, tgid, kind, want, flags):
-        lock = knobs.namespace_lock("pid")
+        lock = self._pid_lock()
         with lock.held(), self._exits_held():
             if pids.pid_in_use(want):
                 return BUSY
@@ -742,10 +791,62 @@ class Supervisor:
             self._undo_wrong(tgid, got, kind, want)
             return WRONG
 
+    def _pid_lock(self):
+        # A process's own pid namespace (/proc/self/ns/pid) is fixed for its
+        # life: looked up once, not with an os.stat on every pinned fork
+        # (15 us of the 70 us before a pinned fork is continued).
+        if self._pid_namespace is None:
+            self._pid_namespace = knobs.namespace_lock("pid")
+        return self._pid_namespace
+
+    def _continue_watched(self, channel, notification, tgid):
+        """Continue a clone3 whose validated block makes a thread, while a
+        pid is pending for the caller.
+
+        The kernel reads the block again once continued: if a thread of the
+        program rewrote it into a process meanwhile, that process must not
+        keep an ordinary pid while the pending one waits. Under the pid lock
+        (nothing else supervised or idpin's moves the cursor meanwhile), the
+        task made is looked at: a child process is killed and recorded, and
+        the pid stays pending.
+        """
+        lock = self._pid_lock()
+        with lock.held(), self._exits_held():
+            knob = lock.knob("ns_last_pid")
+            before = _sys.knob_read(knob)
+            if not self._answer(channel, notification):
+                return
+            got = _wait_knob(knob, lambda value: value != before, self._call_over(notification))
+            if got is None or _ppid(got) != tgid:
+                return  # nothing made, or a thread (its parent is tgid's)
+            _kill(got)
+        self.log.append((tgid, "pid", None, WRONG))
+        self.errors.append("process %d made a process (pid %d) from a clone3 block that was a "
+                           "thread's when the supervisor validated it, while a pid was pending: "
+                           "killed it" % (tgid, got))
+
     def _call_over(self, notification):
-        """A test: has the thread behind ``notification`` trapped again since?"""
-        tid, nid = notification[1], notification[0]
-        return lambda: self._latest.get(tid, (nid,))[0] != nid
+        """A test: is the call behind ``notification`` over (its thread has
+        trapped again since, died, or waits in another syscall)?
+
+        The first DEATH_CHECK_AFTER tests only look for a newer trap. After
+        them /proc is asked too: a thread killed during its continued call
+        never traps again, nor does one whose call failed early and that
+        now waits, untrapped, for something (a thread's or child's exit
+        held in our queue meanwhile): without this, the wait would last
+        SETTLE_SECONDS, and every other supervised call with it.
+        """
+        tid, nid, nr = notification[1], notification[0], notification[2]
+        tests = itertools.count()
+
+        def over():
+            if self._latest.get(tid, (nid,))[0] != nid:
+                return True
+            if next(tests) < DEATH_CHECK_AFTER:
+                return False
+            return not _alive(tid) or _in_another_syscall(tid, nr)
+
+        return over
 
     def _restarted(self, notification):
         """Whether the thread's newest trapped call is this one again: the
@@ -761,11 +862,14 @@ class Supervisor:
             self.errors.append("a thread of %d got a tid other than %d (a process outside the "
                                "supervisor and idpin's lock raced the knob)" % (tgid, want))
             return
-        fields = _status_fields(got, {"PPid"}) if got != want else None
-        if fields and fields.get("PPid") == tgid:
+        if got == want and os.path.exists("/proc/%d/task/%d" % (tgid, want)):
+            self.errors.append("process %d made a thread, not a process, with pid %d (its clone3 "
+                               "block was rewritten during the call)" % (tgid, want))
+        elif got != want and _ppid(got) == tgid:
             _kill(got)
             self.errors.append("process %d forked pid %d instead of %d (a process outside the "
-                               "supervisor and idpin's lock raced the knob): killed it" % (tgid, got, want))
+                               "supervisor and idpin's lock raced the knob, or the pid was still "
+                               "being freed): killed it" % (tgid, got, want))
         else:
             self.errors.append("process %d: pid %d went to another process; its own child's pid "
                                "is unknown" % (tgid, want))
@@ -833,11 +937,15 @@ class Supervisor:
                 self._answer(channel, notification)
                 return NOT_ALLOCATED
             if current == want:
+                if not self._answer(channel, notification):
+                    return GONE  # what was read may be another process's
                 self._installed_ptys.add((tgid, fd, want))
-                return OK if self._answer(channel, notification) else GONE
+                return OK
             instance = idpin_pty.find_instance()
             if os.fstat(theirs).st_dev != instance.dev:
-                return BUSY  # another devpts instance than ours
+                # Another devpts instance than ours, if the fd read was the
+                # waiting call's (BUSY spends the pending id).
+                return BUSY if self._valid(channel, notification) else GONE
             status = fcntl.fcntl(theirs, fcntl.F_GETFL)
             cloexec = _fd_cloexec(tgid, fd)
         finally:
@@ -860,32 +968,82 @@ class Supervisor:
         return OK if self._answer(channel, notification) else GONE
 
 
+def _clone3_invalid(flags, exit_signal):
+    """Whether clone3 with these fields fails with EINVAL before it allocates
+    (kernel/fork.c: copy_clone_args_from_user, clone3_args_valid and the
+    flag checks at the top of copy_process)."""
+    if exit_signal & ~CSIGNAL or exit_signal > 64:
+        return True
+    if flags & ~(0xFFFFFFFF | CLONE_CLEAR_SIGHAND | CLONE_INTO_CGROUP):
+        return True
+    if flags & (CLONE_DETACHED | (CSIGNAL & ~CLONE_NEWTIME)):
+        return True
+    if flags & CLONE_SIGHAND and flags & CLONE_CLEAR_SIGHAND:
+        return True
+    if flags & (CLONE_THREAD | CLONE_PARENT) and exit_signal:
+        return True
+    if flags & CLONE_THREAD and not flags & CLONE_SIGHAND:
+        return True
+    return bool(flags & CLONE_SIGHAND and not flags & CLONE_VM)
+
+
 # ---------------------------------------------------------------- /proc helpers
+
+def _read_proc(path, size=4096):
+    """The first ``size`` bytes of a /proc file, or None if it is gone.
+
+    Raw os calls: on the pinned-call path Python's text I/O costs more than
+    the kernel's making of the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
 
 def _tgid(tid):
     if not tid:
         return None  # not visible in our pid namespace
+    # pidfd_open succeeds only for a thread group leader (EINVAL for other
+    # threads): the common case costs one syscall, not a /proc read.
     try:
-        with open("/proc/%d/status" % tid) as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+        os.close(os.pidfd_open(tid))
+        return tid
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            return None  # gone
+    return (_status_fields(tid, {"Tgid"}) or {}).get("Tgid")
 
 
 def _status_fields(pid, names):
+    data = _read_proc("/proc/%d/status" % pid)
+    if data is None:
+        return None
     found = {}
     try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in names:
-                    found[key] = int(value.split()[0])
-    except (OSError, ValueError, IndexError):
+        for line in data.decode().splitlines():
+            key, _, value = line.partition(":")
+            if key in names:
+                found[key] = int(value.split()[0])
+    except (ValueError, IndexError):
         return None
     return found
+
+
+def _ppid(pid):
+    """The parent of process ``pid`` (from /proc/PID/stat, cheaper than status), or None."""
+    data = _read_proc("/proc/%d/stat" % pid, 1024)
+    try:
+        # "pid (comm) state ppid ...": comm may hold anything but its last ')'.
+        return int(data.rpartition(b")")[2].split()[1])
+    except (AttributeError, ValueError, IndexError):
+        return None
 
 
 def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
@@ -914,28 +1072,52 @@ def _wait_knob(knob, done, over, timeout=SETTLE_SECONDS):
 def _born(pid, tgid, kind, flags, over, timeout=0.02):
     """Whether task ``pid`` is the new thread of ``tgid`` or its child; None
     if it does not show within ``timeout`` (it may already be reaped)."""
-    if kind == "tid":
-        want = ("Tgid", tgid)
-    elif flags & CLONE_PARENT:
-        want = ("PPid", (_status_fields(tgid, {"PPid"}) or {}).get("PPid"))
-    else:
-        want = ("PPid", tgid)
+    parent = _ppid(tgid) if kind != "tid" and flags & CLONE_PARENT else tgid
     deadline = time.monotonic() + timeout
+    polls = 0
     while True:
-        fields = _status_fields(pid, {"Tgid", "PPid"})
-        if fields is not None:
-            return fields.get(want[0]) == want[1]
+        related = _related(pid, tgid, kind, parent)
+        if related is not None:
+            return related
         if over() or time.monotonic() > deadline:
             return None
-        time.sleep(0.0001)
+        # The knob moves when the pid is allocated, a little before the
+        # task shows in /proc: yield first, sleep only if it takes longer.
+        polls += 1
+        if polls < 50:
+            os.sched_yield()
+        else:
+            time.sleep(0.0001)
+
+
+def _related(pid, tgid, kind, parent):
+    """Whether task ``pid`` is a thread of ``tgid`` (kind "tid") or a child
+    of ``parent``; None if there is no such task."""
+    if kind == "tid":
+        if os.path.exists("/proc/%d/task/%d" % (tgid, pid)):
+            return True
+        return False if os.path.exists("/proc/%d" % pid) else None
+    ppid = _ppid(pid)
+    return None if ppid is None else ppid == parent
+
+
+def _in_another_syscall(tid, nr):
+    """Whether thread ``tid`` is blocked in a syscall other than ``nr``
+    (/proc/TID/syscall; "running" or unreadable: not known, so no)."""
+    data = _read_proc("/proc/%d/syscall" % tid, 256)
+    try:
+        current = int(data.split()[0])
+    except (AttributeError, ValueError, IndexError):
+        return False
+    return current >= 0 and current != nr
 
 
 def _alive(pid):
     """Whether process ``pid`` exists and is not a zombie."""
+    data = _read_proc("/proc/%d/stat" % pid, 1024)
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+        return data.rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (AttributeError, IndexError):
         return False
 
 
