@@ -32,6 +32,7 @@ Only the main thread runs Python handlers, so only it holds and delivers.
 """
 import _signal
 import functools
+import os
 import signal
 import sys
 import threading
@@ -282,11 +283,11 @@ def uninstall():
 
 def _forget_in_child():
     # The kernel does not pass pending signals on to a child, nor does Python.
-    global _wrapper_active
+    # The forking thread is the child's main thread (threading says so too).
+    global _wrapper_active, _MAIN_THREAD
     held.clear()
     _wrapper_active = False
+    _MAIN_THREAD = threading.get_ident()
 
-
-import os  # noqa: E402
 
 os.register_at_fork(after_in_child=_forget_in_child)
