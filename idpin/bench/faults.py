@@ -1214,7 +1214,8 @@ HEADER = ("fault", "kind", "backend", "trials", "fault landed", "left something"
 LEGEND = """\
 kill: a worker running the kind's requests in a loop is SIGKILLed after a random
 delay; then this process makes the same requests and checks the namespace.
-interrupt: a timer handler raises KeyboardInterrupt at a random point inside idpin.
+interrupt: a timer signal arrives at a random point inside an idpin call and its handler
+raises KeyboardInterrupt (idpin holds it and runs it as the call returns: idpin.signals).
 storm: the same, raising up to 3 times 20-200 us apart (Ctrl-C again during the cleanup).
 foreign: blocks whose own creation idpin does not see (sysv_ipc), beside a process and a
 thread creating and removing objects without idpin (a rotating pool: the count stays put).
