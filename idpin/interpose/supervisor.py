@@ -589,8 +589,14 @@ class Supervisor:
         with self._holding(), lock.held():
             if pids.pid_in_use(pid):
                 raise IdBusyError("pid", pid, "in use")
-            knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
-            yield
+            # Recorded first: a supervisor killed now leaves the next holder
+            # of the lock the cursor to put back (pids.record_cursor).
+            pids.record_cursor(lock, pid - 1)
+            try:
+                knobs.write_knob(lock.knob("ns_last_pid"), "ns_last_pid", pid - 1)
+                yield
+            finally:
+                pids.forget_cursor(lock)
 
     # -- requests through the socket (a copy of the request fd)
 
@@ -767,29 +773,37 @@ class Supervisor:
             if pids.pid_in_use(want):
                 return BUSY
             knob = lock.knob("ns_last_pid")
-            knobs.write_knob(knob, "ns_last_pid", want - 1)
-            if not self._answer(channel, notification):
-                return GONE
-            over = self._call_over(notification)
-            got = _wait_knob(knob, lambda value: value != want - 1, over)
-            if got is None:
-                # Over without allocating: a signal restarts a fork before
-                # it allocates (its restart is trapped again), or it failed
-                # early (limits, bad flags).
-                return NOT_ALLOCATED
-            if got == want:
-                born = _born(want, tgid, kind, flags, over)
-                if born is None and self._restarted(notification):
-                    return NOT_ALLOCATED  # failed after allocating; restarted
-                if born is None or born:
-                    # Allocated while every other supervised allocation
-                    # waited: ours. (Not seen: killed by a signal and reaped
-                    # already; a normal exit would wait in our queue.)
-                    return OK
-            if not _alive(tgid):
-                return GONE  # killed meanwhile: its children went to their reaper
-            self._undo_wrong(tgid, got, kind, want)
-            return WRONG
+            pids.record_cursor(lock, want - 1)
+            try:
+                return self._continue_pinned(channel, notification, tgid, kind, want, flags, knob)
+            finally:
+                pids.forget_cursor(lock)
+
+    def _continue_pinned(self, channel, notification, tgid, kind, want, flags, knob):
+        """The pid lock held and the cursor recorded: arm, continue, verify."""
+        knobs.write_knob(knob, "ns_last_pid", want - 1)
+        if not self._answer(channel, notification):
+            return GONE
+        over = self._call_over(notification)
+        got = _wait_knob(knob, lambda value: value != want - 1, over)
+        if got is None:
+            # Over without allocating: a signal restarts a fork before
+            # it allocates (its restart is trapped again), or it failed
+            # early (limits, bad flags).
+            return NOT_ALLOCATED
+        if got == want:
+            born = _born(want, tgid, kind, flags, over)
+            if born is None and self._restarted(notification):
+                return NOT_ALLOCATED  # failed after allocating; restarted
+            if born is None or born:
+                # Allocated while every other supervised allocation
+                # waited: ours. (Not seen: killed by a signal and reaped
+                # already; a normal exit would wait in our queue.)
+                return OK
+        if not _alive(tgid):
+            return GONE  # killed meanwhile: its children went to their reaper
+        self._undo_wrong(tgid, got, kind, want)
+        return WRONG
 
     def _pid_lock(self):
         # A process's own pid namespace (/proc/self/ns/pid) is fixed for its
