@@ -98,7 +98,7 @@ def _clean_up_after_dead_holders(lock):
     now was left by a holder that died (or by a tool that does not take the
     lock): both are undone before anything else.
     """
-    ns = ipc_lock()
+    ns = lock.namespace
     put_back_recorded_limits()
     for kind in KINDS:
         _reclaim_throwaway(kind)

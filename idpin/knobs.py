@@ -120,6 +120,7 @@ class NamespaceLock:
         self._local = threading.local()
         self._fds = set()
         self._idle = []
+        self.namespace = None  # the Namespace this lock is the lock of (set by it)
         if keep_open:
             self._idle.append(self._open())
 
@@ -493,7 +494,8 @@ ON_ACQUIRE = {}
 def namespace_lock(kind):
     """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
     before = _BEFORE.get(kind)
-    before_lock = namespace_lock(before).lock if before else None
+    # Looked up only when this namespace's lock is made: the lock keeps it.
+    before_lock = (lambda: namespace_lock(before).lock) if before else None
     return _namespace_for("/proc/self/ns/" + kind, kind, _call_on_acquire(kind), before_lock)
 
 
@@ -538,11 +540,14 @@ def _namespace_for(path, label, on_acquire, before, keep_open=True):
     key = (label, st.st_dev, st.st_ino) if keep_open else (label, st.st_dev, st.st_ino, path)
     namespace = _namespaces.get(key)
     if namespace is None:
+        # Outside the registry lock: looking the ``before`` lock up may make it.
+        before_lock = before() if before else None
         with _registry_lock:
             namespace = _namespaces.get(key)
             if namespace is None:
-                lock = NamespaceLock(path, label, before, on_acquire, keep_open)
+                lock = NamespaceLock(path, label, before_lock, on_acquire, keep_open)
                 namespace = Namespace(lock, label)
+                lock.namespace = namespace
                 _namespaces[key] = namespace
     return namespace
 

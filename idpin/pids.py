@@ -509,9 +509,7 @@ def forget_cursor(ns):
 
 def put_back_dead_holders_cursor(lock):
     """Taking the pid lock: a cursor a killed holder left armed is put back."""
-    ns = knobs.existing_namespace_lock("pid")
-    if ns is None or ns.lock is not lock:
-        return
+    ns = lock.namespace
     name = _cursor_record(ns)
     data = _sys.record_read(name)
     if data is None:
