@@ -10,7 +10,8 @@ Importing idpin replaces os.fork, os.forkpty, os.openpty, pty.fork,
 pty.openpty, threading.Thread.start and the stdlib's process creation
 (subprocess, os.posix_spawn, os.posix_spawnp, os.system) for the whole
 process with versions routed through idpin (ordinary calls when no request
-is pending);
+is pending), and signal.signal and signal.getsignal, so that Python signal
+handlers run only as an idpin call returns, never inside it (idpin.signals);
 idpin.uninstall() puts the originals back and idpin.install() routes again.
 """
 from . import _sys
