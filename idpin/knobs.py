@@ -55,6 +55,7 @@ def _timeout_from_environment():
         )
     return value
 
+
 _lock_timeout = _timeout_from_environment()
 
 
@@ -106,13 +107,12 @@ class NamespaceLock:
     is always taken first and released last: the lock order.
     """
 
-    def __init__(self, path, label, before=None, on_acquire=None, keep_open=True):
+    def __init__(self, path, label, before=None, keep_open=True):
         st = os.stat(path)
         self.path = path
         self.label = label
         self.inode = st.st_ino
         self.before = before
-        self._on_acquire = on_acquire
         # Namespace files keep their descriptions pooled (which also keeps
         # the namespace, hence the inode the registry is keyed by, alive); a
         # devpts directory is open only while held, never keeping it busy.
@@ -149,9 +149,10 @@ class NamespaceLock:
             if self.before is not None:
                 _sys.finish(self.before.release)  # completes even if handlers keep raising
             raise
-        if self._on_acquire is not None:
+        hook = ON_ACQUIRE.get(self.label)
+        if hook is not None:
             try:
-                self._on_acquire(self)
+                hook(self)
             except BaseException:
                 _sys.finish(self.release)
                 raise
@@ -493,24 +494,12 @@ ON_ACQUIRE = {}
 
 def namespace_lock(kind):
     """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
-    before = _BEFORE.get(kind)
-    # Looked up only when this namespace's lock is made: the lock keeps it.
-    before_lock = (lambda: namespace_lock(before).lock) if before else None
-    return _namespace_for("/proc/self/ns/" + kind, kind, _call_on_acquire(kind), before_lock)
-
-
-def _call_on_acquire(kind):
-    def on_acquire(lock):
-        hook = ON_ACQUIRE.get(kind)
-        if hook is not None:
-            hook(lock)
-
-    return on_acquire
+    return _namespace_for("/proc/self/ns/" + kind, kind, _BEFORE.get(kind))
 
 
 def directory_lock(path, label):
     """The lock on a directory (a devpts instance's root), open only while held."""
-    return _namespace_for(path, label, None, None, keep_open=False)
+    return _namespace_for(path, label, None, keep_open=False)
 
 
 def existing_namespace_lock(kind):
@@ -527,7 +516,7 @@ def existing_namespace_lock(kind):
     return _namespaces.get((kind, st.st_dev, st.st_ino))
 
 
-def _namespace_for(path, label, on_acquire, before, keep_open=True):
+def _namespace_for(path, label, before_kind, keep_open=True):
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -540,12 +529,13 @@ def _namespace_for(path, label, on_acquire, before, keep_open=True):
     key = (label, st.st_dev, st.st_ino) if keep_open else (label, st.st_dev, st.st_ino, path)
     namespace = _namespaces.get(key)
     if namespace is None:
-        # Outside the registry lock: looking the ``before`` lock up may make it.
-        before_lock = before() if before else None
+        # Looked up only when this lock is made (the lock keeps it), and
+        # outside the registry lock: looking it up may make it.
+        before = namespace_lock(before_kind).lock if before_kind else None
         with _registry_lock:
             namespace = _namespaces.get(key)
             if namespace is None:
-                lock = NamespaceLock(path, label, before_lock, on_acquire, keep_open)
+                lock = NamespaceLock(path, label, before, keep_open)
                 namespace = Namespace(lock, label)
                 lock.namespace = namespace
                 _namespaces[key] = namespace

@@ -491,7 +491,8 @@ def record_cursor(ns, armed, previous=None):
     text = " ".join(str(value) for value in (held[0],) + tuple(sorted(held[1])))
     name = _cursor_record(ns)
     try:
-        _sys.record_remove(name)  # this holder's own, or one put back on taking the lock
+        if ns.cursor_record is not None:
+            _sys.record_remove(name)  # this holder's own, rewritten with the new value
         _sys.record_write(name, text.encode())
     except OSError:
         # No room for a POSIX queue (fs.mqueue.queues_max, RLIMIT_MSGQUEUE):

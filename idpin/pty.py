@@ -126,14 +126,18 @@ def _close_quietly(*fds):
             pass
 
 
-def _undo_pair(pair):
-    """A held signal's handler raised as the pair was returned: the caller never gets it."""
-    master, slave = pair
+def _uncredit_master(master):
+    """The pty of ``master`` is taken back: a request credited with its index is pending again."""
     try:
         uncredit("pty", _sys.pty_index(master))
     except OSError:
         pass
-    _close_quietly(master, slave)
+
+
+def _undo_pair(pair):
+    """A held signal's handler raised as the pair was returned: the caller never gets it."""
+    _uncredit_master(pair[0])
+    _close_quietly(*pair)
 
 
 def _undo_pairs(pairs):
@@ -144,7 +148,8 @@ def _undo_pairs(pairs):
 def _undo_fork(result):
     pid, master = result
     if pid > 0:
-        _undo_pair((master, -1))
+        _uncredit_master(master)
+        _close_quietly(master)
         pids.undo_fork(pid)
 
 

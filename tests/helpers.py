@@ -1,6 +1,10 @@
 """Small helpers shared by the tests (they run inside the namespace child)."""
+import contextlib
+import fcntl
 import os
 import pickle
+import signal
+import threading
 
 import pytest
 
@@ -85,3 +89,40 @@ def wait_until(condition, timeout=10.0):
             return True
         time.sleep(0.001)
     return condition()
+
+
+@contextlib.contextmanager
+def flock_held_elsewhere(path):
+    """Another process (not using idpin) holds flock(LOCK_EX) on ``path`` for the whole
+    with block: its pid. It is killed and reaped at the end."""
+    ready_read, ready_write = os.pipe()
+    never_read, never_write = os.pipe()
+    holder = ORIGINALS["os.fork"]()
+    if holder == 0:
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(ready_write, b"1")
+        os.read(never_read, 1)  # until killed
+        os._exit(0)
+    os.read(ready_read, 1)
+    try:
+        yield holder
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        reap(holder)
+        for fd in (ready_read, ready_write, never_read, never_write):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def second_thread():
+    """A second, idle thread for the with block: idpin takes its multi-threaded paths
+    (knob-path forks)."""
+    stop = threading.Event()
+    parked = threading.Thread(target=stop.wait)
+    parked.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        parked.join()

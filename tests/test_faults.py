@@ -24,11 +24,11 @@ from idpin import _sys, ipc, knobs, testing
 from idpin.bench import faults
 from idpin.interpose import ORIGINALS
 
-from helpers import knob, reap, wait_until
+from helpers import flock_held_elsewhere, knob, reap, second_thread, wait_until
 
 SEED = 7
 KILL_TRIALS = 4
-INTERRUPT_TRIALS = 6  # raises landed inside idpin (at most twice as many runs)
+INTERRUPT_TRIALS = 6  # raises landed inside idpin (at most ATTEMPTS_PER_TRIAL times as many runs)
 STORM_TRIALS = 3
 FOREIGN_TRIALS = 40
 # A deadlock must end within this: idpin's own bounded wait, set to
@@ -342,21 +342,11 @@ def test_item2_a_block_waiting_for_its_child_that_requests_ends_with_an_error():
 
 @short_lock_timeout
 def lock_held_forever_by_a_foreign_process():
-    ready_read, ready_write = os.pipe()
-    holder = ORIGINALS["os.fork"]()
-    if holder == 0:
-        fd = os.open("/proc/self/ns/ipc", os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(ready_write, b"1")
-        time.sleep(HANG_SECONDS * 2)
-        os._exit(0)
-    os.read(ready_read, 1)
-    began = time.monotonic()
-    limits, fds_before = faults.read_limits(), testing.open_fds()
-    outcome = outcome_of(lambda: idpin.request(sem=SEM_A).__enter__().__exit__(None, None, None))
-    waited = time.monotonic() - began
-    os.kill(holder, signal.SIGKILL)
-    reap(holder)
+    with flock_held_elsewhere("/proc/self/ns/ipc") as holder:
+        began = time.monotonic()
+        limits, fds_before = faults.read_limits(), testing.open_fds()
+        outcome = outcome_of(lambda: idpin.request(sem=SEM_A).__enter__().__exit__(None, None, None))
+        waited = time.monotonic() - began
     # The refused block left nothing: no lock, knob, fd or request of its own.
     return outcome, holder, waited, faults.leftovers(limits, fds_before, {SEM_A})
 
@@ -373,33 +363,21 @@ def test_item2_a_lock_held_forever_gives_a_bounded_wait_error_naming_the_holder(
 
 @short_lock_timeout
 def interrupted_while_waiting_for_the_lock():
-    ready_read, ready_write = os.pipe()
-    release_read, release_write = os.pipe()
-    holder = ORIGINALS["os.fork"]()
-    if holder == 0:
-        fd = os.open("/proc/self/ns/ipc", os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(ready_write, b"1")
-        os.read(release_read, 1)
-        os._exit(0)
-    os.read(ready_read, 1)
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt("Ctrl-C while waiting")
 
-    signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 0.3)
-    try:
-        with idpin.request(sem=SEM_A):
-            pass
-        outcome = "entered"
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-    except idpin.IdpinError as err:
-        outcome = "error: %s" % err
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    os.write(release_write, b"x")
-    reap(holder)
+    with flock_held_elsewhere("/proc/self/ns/ipc"):
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            with idpin.request(sem=SEM_A):
+                pass
+            outcome = "entered"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        except idpin.IdpinError as err:
+            outcome = "error: %s" % err
+        signal.setitimer(signal.ITIMER_REAL, 0)
     # The holder is gone: the lock must be free for anyone else at once.
     mine = [pid for pid, _ in faults.flocks() if pid == os.getpid()]
     probe = ORIGINALS["os.fork"]()
@@ -688,18 +666,13 @@ def test_item8_at_fork_hooks_do_not_run_in_a_wrongly_numbered_knob_path_child():
     assert not os.path.exists("/proc/%d" % pid)
     hook_read, hook_write = os.pipe()
     os.register_at_fork(after_in_child=lambda: os.write(hook_write, b"%d " % os.getpid()))
-    stop = threading.Event()
-    parked = threading.Thread(target=stop.wait)
-    parked.start()  # two threads: the knob path
     try:
-        with pytest.raises(idpin.IdBusyError):
+        with second_thread(), pytest.raises(idpin.IdBusyError):  # two threads: the knob path
             with idpin.request(pid=pid):
                 child = os.fork()
                 if child == 0:
                     os._exit(0)
     finally:
-        stop.set()
-        parked.join()
         os.close(hook_write)
         os.write(release, b"x")
         os.close(release)
@@ -952,18 +925,13 @@ def test_item4_idpins_limit_helper_runs_none_of_the_callers_at_fork_hooks(kind):
 def test_item8_undoing_a_wrongly_numbered_child_works_when_sigchld_is_ignored():
     pid, release = hold_pid_as_a_process_group()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    stop = threading.Event()
-    parked = threading.Thread(target=stop.wait)
-    parked.start()  # two threads: the knob path
     try:
-        with pytest.raises(idpin.IdBusyError):
+        with second_thread(), pytest.raises(idpin.IdBusyError):  # two threads: the knob path
             with idpin.request(pid=pid):
                 child = os.fork()
                 if child == 0:
                     os._exit(0)
     finally:
-        stop.set()
-        parked.join()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.write(release, b"x")
         os.close(release)
@@ -1113,16 +1081,9 @@ def test_item4_a_cursor_moved_since_the_kill_is_not_put_back():
 
 def test_item4_a_knob_path_fork_leaves_no_record_and_the_cursor_past_its_pid():
     # Multi-threaded: the knob path; its record is dropped once the fork is done.
-    stop = threading.Event()
-    parked = threading.Thread(target=stop.wait)
-    parked.start()
-    try:
-        with idpin.request(pid=PID_A):
-            child = os.fork()
-            if child == 0:
-                os._exit(0 if os.getpid() == PID_A else 1)
-    finally:
-        stop.set()
-        parked.join()
+    with second_thread(), idpin.request(pid=PID_A):
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if os.getpid() == PID_A else 1)
     assert reap(child) == 0 and child == PID_A
     assert testing.records_left() == []

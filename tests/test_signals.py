@@ -19,7 +19,7 @@ from idpin import ipc, knobs, pids, pty, signals, tids
 from idpin.interpose import ORIGINALS
 from idpin.request import pending
 
-from helpers import knob, reap
+from helpers import flock_held_elsewhere, reap
 
 PID = 31001
 TID = 31011
@@ -255,30 +255,13 @@ def test_a_handler_raising_inside_create_many_removes_the_batch():
 def test_a_signal_arriving_while_waiting_for_the_lock_ends_the_wait_at_once():
     # Another process holds the pid namespace's lock for good; a handler that
     # raises must end the wait (between two polls), not the 30 s timeout.
-    ready_read, ready_write = os.pipe()
-    never_read, never_write = os.pipe()
-    holder = ORIGINALS["os.fork"]()
-    if holder == 0:
-        import fcntl
-
-        fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(ready_write, b"1")
-        os.read(never_read, 1)  # until killed
-        os._exit(0)
-    os.read(ready_read, 1)
     previous = idpin.set_lock_timeout(30)
     try:
-        with handler_on_sigusr1(raises=True) as ran:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        with flock_held_elsewhere("/proc/self/ns/pid"), handler_on_sigusr1(raises=True) as ran:
             with signal_during(knobs.time, "sleep"), pytest.raises(Boom):
                 with idpin.request(tid=TID):
                     pytest.fail("entered a block whose lock another process holds")
         assert len(ran) == 1
     finally:
         idpin.set_lock_timeout(previous)
-        os.kill(holder, signal.SIGKILL)
-        reap(holder)
-        for fd in (ready_read, ready_write, never_read, never_write):
-            os.close(fd)
     assert not knobs.any_held()
