@@ -355,6 +355,34 @@ def knob_read(fd):
     return int(buf[:got])
 
 
+def proc_read(fd):
+    """The whole content of a /proc file, read again from its start (pread at 0 on).
+
+    A cached fd read this way is a fresh snapshot each time, without the
+    path walk an open() makes.
+    """
+    cdef int cfd = fd
+    cdef char buf[16384]
+    cdef ssize_t got
+    cdef long long offset = 0
+    cdef int code
+    parts = []
+    while True:
+        with nogil:
+            got = pread(cfd, buf, sizeof(buf), offset)
+            code = errno
+        if got < 0:
+            if code == EINTR:
+                PyErr_CheckSignals()
+                continue
+            raise _stdlib_error(code)
+        if got == 0:
+            break
+        parts.append(buf[:got])
+        offset += got
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 # ---------------------------------------------------------------- SysV IPC
 
 cdef union ipc_stat_buf:

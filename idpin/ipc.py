@@ -96,12 +96,17 @@ def _clean_up_after_dead_holders(lock):
     Every holder leaves the knobs idle and its throwaway objects removed
     before unlocking, so an armed knob or an object with idpin's key found
     now was left by a holder that died (or by a tool that does not take the
-    lock): both are undone before anything else.
+    lock): both are undone before anything else. Throwaway objects and
+    raised limits exist only while the consuming record does, so a holder
+    that finds none looks no further (one failed mq_open).
     """
     ns = lock.namespace
-    put_back_recorded_limits()
+    if _sys.record_exists(CONSUMING_RECORD):
+        put_back_recorded_limits()
+        for kind in KINDS:
+            _reclaim_throwaway(kind)
+        _sys.record_remove(CONSUMING_RECORD)
     for kind in KINDS:
-        _reclaim_throwaway(kind)
         if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
             consume_knob(kind, ns)
 
@@ -153,17 +158,38 @@ def consume_knob(kind, ns):
     throwaway and put back, with a record that lets the next holder put them
     back if this one is killed meanwhile.
     """
+    _write_consuming_record()
     try:
         _throwaway(kind)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EINVAL, errno.ENOMEM):
             raise
         _throwaway_with_room(kind)
+    _sys.record_remove(CONSUMING_RECORD)
     if _sys.knob_read(ns.knob(KNOB[kind])) != _IDLE:
         raise UnsupportedError(
             "%s stays armed after idpin's throwaway %s creation: a process outside idpin's "
             "lock re-armed it" % (KNOB[kind], kind), kind=kind,
         )
+
+
+# A POSIX message queue (it belongs to the IPC namespace) that exists while a
+# holder consumes a knob: a throwaway object, or limits raised for one, can
+# have been left only by a holder killed while it existed. Every other lock
+# holder pays one failed mq_open to know there is nothing of the kind.
+CONSUMING_RECORD = "/idpin.ipc-consuming"
+
+
+def _write_consuming_record():
+    try:
+        _sys.record_write(CONSUMING_RECORD, b"")
+    except FileExistsError:
+        pass  # left by a holder killed while consuming, and not yet acted on
+    except OSError:
+        # No room for a POSIX queue (fs.mqueue.queues_max, RLIMIT_MSGQUEUE):
+        # a throwaway left by a SIGKILL in the next microseconds is then found
+        # by the next throwaway's creation (its key exists) instead.
+        pass
 
 
 def _throwaway_key(kind):
@@ -320,12 +346,20 @@ def _full_error(kind, err):
 # -- request blocks -------------------------------------------------------
 
 
-def census(kind):
+def census(kind, ns):
     """{id: creator pid for shm (as /proc shows it), else None} of every object of ``kind``."""
+    return parse_census(kind, census_text(kind, ns))
+
+
+def census_text(kind, ns):
+    """/proc/sysvipc/<kind> as it is now, unparsed: a block takes it at entry and
+    parses it only if a creation idpin did not route must be checked."""
+    return _sys.proc_read(ns.reader("/proc/sysvipc/" + kind))
+
+
+def parse_census(kind, text):
     objects = {}
-    with open("/proc/sysvipc/" + kind, "rb") as f:
-        lines = f.read().split(b"\n")[1:]
-    for line in lines:
+    for line in text.split(b"\n")[1:]:
         row = line.split()
         if row:
             objects[int(row[1])] = int(row[4]) if kind == "shm" else None
@@ -356,9 +390,9 @@ def arm(req, kind):
     if holder != -1:
         raise _busy_error(kind, value, holder)
     with ns.alloc:  # no routed creation between the census and the arming
-        block.before = census(kind)
+        block.before = census_text(kind, ns)
         block.routed = ns.watch(kind)
-        block.cursor = _pid_cursor()
+        block.cursor = _pid_cursor(ns)
         _arm(ns, kind, value)
 
 
@@ -368,11 +402,13 @@ def _arm(ns, kind, value):
         knobs.write_knob(ns.knob(KNOB[kind]), KNOB[kind], value)
 
 
-def _pid_cursor():
-    """ns_last_pid: the last pid or tid the pid namespace handed out (-1 if unreadable)."""
+def _pid_cursor(ns):
+    """ns_last_pid: the last pid or tid the pid namespace handed out (-1 if unreadable).
+
+    Read through a read-only fd: an IPC-only user may not be allowed to open
+    the knob for writing."""
     try:
-        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
-            return int(f.read())
+        return _sys.knob_read(ns.reader("/proc/sys/kernel/ns_last_pid"))
     except (OSError, ValueError):
         return -1
 
@@ -431,7 +467,7 @@ def _leave_knob_as_blocks_expect(kind, ns):
 def _rearm_outer(ns, outer, kind):
     # What the inner block's creators made is not the outer block's to judge.
     outer_block = outer.armed[kind]
-    outer_block.before = census(kind)
+    outer_block.before = census_text(kind, ns)
     _arm(ns, kind, outer.ids[kind])
 
 
@@ -455,8 +491,8 @@ def _settle_unrouted(req, kind, ns, block):
         consume_knob(kind, ns)
         raise IdBusyError(kind, value, "%s was overwritten with %d by a process outside idpin's "
                           "lock" % (KNOB[kind], now))
-    objects = census(kind)
-    appeared = set(objects) - set(block.before) - block.routed.made
+    objects = census(kind, ns)
+    appeared = set(objects) - set(parse_census(kind, block.before)) - block.routed.made
     if appeared == {value}:
         creator = objects[value]
         if kind == "shm" and creator != _proc_pid():
@@ -466,7 +502,7 @@ def _settle_unrouted(req, kind, ns, block):
         # cursor: one that began and ended within the block (a C library's
         # thread) could have made the object, so the cursor must not move.
         if not (block.alone and pids.thread_count() == 1 and tids.thread_starts() == block.starts
-                and _pid_cursor() == block.cursor):
+                and _pid_cursor(ns) == block.cursor):
             raise IdBusyError(
                 kind, value,
                 "%s %d appeared during the block, but this process had other threads, or a "
@@ -565,7 +601,10 @@ def _get(kind, key, arg, flags):
     if found is None or not _may_allocate(key, flags):
         return _plain_get(kind, key, arg, flags)
     req, value = found
-    got = create_pinned(kind, value, key, arg, flags)
+    block = req.armed.get(kind)
+    # Inside this thread's block: its namespace, held since the block began.
+    ns = block.ns if block is not None and block.held else None
+    got = create_pinned(kind, value, key, arg, flags, ns)
     if got is not None:
         req.consumed[kind] = value  # inline: no call between creating and recording
         return got
@@ -606,16 +645,17 @@ def _noted(ns, kind, id):
     return id
 
 
-def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
+def create_pinned(kind: str, value: int, key: int, arg: int, flags: int, ns: Any = None) -> int:
     """Create with id ``value``, or raise IdBusyError leaving no object.
 
     IPC_EXCL is always added: a creation that finds an existing key must fail
     rather than return that object's id (which would then look wrong and be
     removed). Returns None if the key exists and ``flags`` lacked IPC_EXCL.
+    ``ns``: the IPC Namespace, when the caller already holds its lock.
     """
     deadline = time.monotonic() + RETRY_SECONDS
     for attempt in range(1, RETRY_ATTEMPTS + 1):
-        got = _create_pinned_once(kind, value, key, arg, flags)
+        got = _create_pinned_once(kind, value, key, arg, flags, ns)
         if got is None or got == value:
             return got
         # A creation outside idpin's lock consumed the knob (and got the id,
@@ -625,9 +665,9 @@ def create_pinned(kind: str, value: int, key: int, arg: int, flags: int) -> int:
     raise _wrong_id_error(kind, value, got)
 
 
-def _create_pinned_once(kind, value, key, arg, flags):
+def _create_pinned_once(kind, value, key, arg, flags, ns):
     """One pinned creation: the id (``value`` or a wrong one, already removed) or None."""
-    ns = ipc_lock()
+    ns = ns or ipc_lock()
     checked = False
     try:
         with ns.held(), ns.alloc:

@@ -350,6 +350,7 @@ class Namespace:
         self._watchers = {}
         self._steering = threading.local()
         self._knobs = {}
+        self._readers = {}
 
     def acquire(self, timeout=None):
         self.lock.acquire(timeout)
@@ -369,6 +370,18 @@ class Namespace:
         if fd is None:
             fd = open_knob(name)
             self._knobs[name] = fd
+        return fd
+
+    def reader(self, path):
+        """A read-only fd of ``path`` (under /proc), opened once per namespace.
+
+        Read with _sys.proc_read or _sys.knob_read: each read is a fresh
+        snapshot, without the path walk of another open().
+        """
+        fd = self._readers.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._readers[path] = fd
         return fd
 
     def rearm(self, name):
@@ -421,12 +434,13 @@ class Namespace:
 
     def forget_in_child(self):
         self.lock.forget_in_child()
-        for fd in self._knobs.values():
+        for fd in list(self._knobs.values()) + list(self._readers.values()):
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._knobs = {}
+        self._readers = {}
 
 
 class BlockHold:
@@ -493,8 +507,47 @@ ON_ACQUIRE = {}
 
 
 def namespace_lock(kind):
-    """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace."""
-    return _namespace_for("/proc/self/ns/" + kind, kind, _BEFORE.get(kind))
+    """The Namespace of this process's current ``kind`` ("pid" or "ipc") namespace.
+
+    Looked up once per process and kept: a process's own pid namespace never
+    changes (unshare and setns change only its children's), and an IPC
+    namespace change is seen by reading the namespace link again, half the
+    cost of the stat a first lookup makes.
+    """
+    current = _current.get(kind)
+    if kind == "pid" and current is not None:
+        return current[1]
+    link = _link_of(kind)
+    if current is not None and current[0] == link:
+        return current[1]
+    namespace = _namespace_for("/proc/self/ns/" + kind, kind, _BEFORE.get(kind))
+    _current[kind] = (link, namespace)
+    return namespace
+
+
+def _link_of(kind):
+    """The namespace link's text ("ipc:[4026531839]"): which namespace this is."""
+    try:
+        return os.readlink("/proc/self/ns/" + kind)
+    except OSError:
+        return None
+
+
+# kind -> (namespace link text, Namespace) of this process's current namespaces.
+_current = {}
+
+
+def own_pid_namespace():
+    """The inode of this process's own pid namespace, or None if /proc cannot say.
+
+    Read once per process: unshare and setns change only the children's."""
+    inode = _current.get("pid inode")
+    if inode is None:
+        try:
+            inode = _current["pid inode"] = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            return None
+    return inode
 
 
 def directory_lock(path, label):
@@ -509,6 +562,9 @@ def existing_namespace_lock(kind):
     """
     if not _namespaces:
         return None
+    current = _current.get(kind)
+    if current is not None and (kind == "pid" or _link_of(kind) == current[0]):
+        return current[1]
     try:
         st = os.stat("/proc/self/ns/" + kind)
     except OSError:
@@ -549,6 +605,7 @@ def cached_fds():
         if namespace.lock._keep_open:
             fds.update(namespace.lock._fds)  # never closed: idle, or held by a thread
         fds.update(namespace._knobs.values())
+        fds.update(namespace._readers.values())
     return fds
 
 
@@ -580,6 +637,7 @@ def _forget_all_in_child():
             _inherited_armed[key[:3]] = dict(namespace.armed)
         namespace.forget_in_child()
     _namespaces.clear()
+    _current.clear()
     _held.clear()
 
 

@@ -58,10 +58,7 @@ def namespace_pid_max(refresh=False):
     (``refresh``), so a raised or lowered pid_max is never held against a
     request.
     """
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = None
+    namespace = knobs.own_pid_namespace()
     cached = None if refresh else _pid_max_by_namespace.get(namespace)
     if cached is None:
         try:
@@ -179,9 +176,8 @@ def without_armed_tid(allocate, on_steered=None):
 
 def children_in_new_pid_namespace() -> bool:
     """unshare(CLONE_NEWPID) was called: children go to a namespace this process is not in."""
-    try:
-        active = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
+    active = knobs.own_pid_namespace()
+    if active is None:
         return False
     try:
         return os.stat("/proc/self/ns/pid_for_children").st_ino != active
@@ -220,6 +216,8 @@ def _pinned_fork(set_tid, value, mechanism):
 
 def choose_mechanism(set_tid, forced=None):
     threads = thread_count()
+    if threads == 1 and forced != "ns_last_pid" and not _clone3_missing:
+        return "clone3"  # what every branch below decides for a single-threaded process
     if forced != "clone3" and children_in_new_pid_namespace():
         # ns_last_pid acts on this process's pid namespace, not on the one
         # its children are born in.

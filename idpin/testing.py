@@ -278,12 +278,13 @@ def records_left() -> list[str]:
     """
     from . import ipc, pids
 
-    names = [ipc.LIMITS_RECORD, pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)]
+    names = [ipc.LIMITS_RECORD, ipc.CONSUMING_RECORD,
+             pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)]
     if not any(_sys.record_exists(name) for name in names):
         return []
     mine = knobs.existing_namespace_lock("pid")
     if mine is not None and mine.cursor_record is not None:
-        return ["%s (claimed by this process, which holds no lock)" % names[1]]
+        return ["%s (claimed by this process, which holds no lock)" % names[-1]]
     with ipc.ipc_lock().held():  # the pid lock first, then the IPC lock: both clean up
         pass
     left = [name for name in names if _sys.record_exists(name)]

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._ctypes import (  # noqa: F401
         clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
         ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
-        pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
+        proc_read, pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -42,6 +42,7 @@ INTERFACE = (
     "flock",
     "knob_write",
     "knob_read",
+    "proc_read",
     "ipc_get",
     "ipc_remove",
     "ipc_stat_index",

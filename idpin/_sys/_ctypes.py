@@ -225,6 +225,15 @@ def knob_read(fd):
     return int(os.pread(fd, 32, 0))
 
 
+def proc_read(fd):
+    parts = []
+    while True:
+        chunk = os.pread(fd, 16384, sum(map(len, parts)))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+
+
 _libc.semget.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
 _libc.msgget.argtypes = [ctypes.c_int, ctypes.c_int]
