@@ -13,7 +13,7 @@ import os
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.object cimport PyObject_AsFileDescriptor
-from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE
+from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE, EIDRM
 from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
@@ -629,6 +629,105 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     if pin.step == PIN_RMID:
         raise _oserror("IPC_RMID", pin.err, "id %d" % pin.got)
     return pin.got
+
+
+cdef struct BatchItem:
+    int kind
+    int stat_cmd
+    long long want
+    key_t key
+    unsigned long arg
+    int flags
+    size_t size
+    char value[24]
+
+
+cdef int BATCH_WRONG = _abi.BATCH_WRONG
+cdef int BATCH_BUSY = _abi.BATCH_BUSY
+
+
+def ipc_create_batch(knob_fds, calls, Py_ssize_t start, bint check, long long index_mask,
+                     list outcome):
+    """Pinned creations in a row, from ``calls[start]`` on, without returning to Python.
+
+    ``calls``: (kind, want, key, arg, flags) each; ``knob_fds[kind]`` the
+    kind's knob. With ``check``, every remaining index (``want & index_mask``)
+    is looked at first (*_STAT_ANY) and a held one stops the batch before
+    anything is created. Then each is made as ipc_create_pinned makes one
+    (arm, create, remove a wrongly numbered object), stopping at the first
+    that does not come out right. No Python code (a signal handler) runs in
+    between.
+
+    ``outcome`` (a list of 4) is filled before returning, so that a caller
+    interrupted as this returns still knows what exists: [made, code, value,
+    at]: calls[start:made] exist with their ids; ``code`` (the BATCH_*
+    constants of _abi) says why call ``at`` stopped the batch, with ``value``.
+    """
+    cdef Py_ssize_t n = len(calls)
+    cdef Py_ssize_t i
+    cdef BatchItem *items
+    cdef int fds[3]
+    cdef Pin pin
+    cdef ipc_stat_buf buf
+    cdef int holder, code
+    cdef Py_ssize_t made = start
+    cdef Py_ssize_t at = n
+    cdef int result = PIN_DONE
+    cdef long long value = 0
+    if len(outcome) != 4:
+        raise ValueError("outcome must be a list of 4")
+    for i in range(3):
+        fds[i] = knob_fds[i]
+    items = <BatchItem *>malloc(sizeof(BatchItem) * (n - start + 1))
+    if items == NULL:
+        raise MemoryError()
+    try:
+        for i in range(start, n):
+            kind, want, key, arg, flags = calls[i]
+            text = b"%d" % want
+            if len(text) >= 24:
+                raise OverflowError("id %r out of range" % (want,))
+            items[i - start].kind = kind
+            items[i - start].stat_cmd = _STAT_CMDS[kind]
+            items[i - start].want = want
+            items[i - start].key = _c_int(key)
+            items[i - start].arg = PyLong_AsUnsignedLongMask(arg)
+            items[i - start].flags = _c_int(flags)
+            items[i - start].size = len(text)
+            memcpy(items[i - start].value, <const char *>text, len(text))
+        with nogil:
+            if check:
+                for i in range(start, n):
+                    holder = _ipc_ctl(items[i - start].kind,
+                                      <int>(items[i - start].want & index_mask),
+                                      items[i - start].stat_cmd, &buf)
+                    code = errno
+                    if holder >= 0:
+                        at, result, value = i, BATCH_BUSY, holder
+                        break
+                    if code != EINVAL and code != EIDRM:
+                        at, result, value = i, PIN_GET, code
+                        break
+            if result == PIN_DONE:
+                for i in range(start, n):
+                    _create_pinned(&pin, fds[items[i - start].kind], items[i - start].value,
+                                   items[i - start].size, items[i - start].want,
+                                   items[i - start].kind, items[i - start].key,
+                                   items[i - start].arg, items[i - start].flags)
+                    if pin.step != PIN_DONE:
+                        at, result = i, pin.step
+                        value = pin.got if pin.step == PIN_RMID else pin.err
+                        break
+                    if pin.got != items[i - start].want:
+                        at, result, value = i, BATCH_WRONG, pin.got
+                        break
+                    made = i + 1
+    finally:
+        free(items)
+    outcome[0] = made
+    outcome[1] = result
+    outcome[2] = value
+    outcome[3] = at
 
 
 # ---------------------------------------------------------------- SysV contents (restore)

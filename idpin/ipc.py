@@ -809,7 +809,7 @@ def _undo_batch_made(ids):
     made = getattr(_last_batch, "made", None)
     if made is not None and [id for _, id in made] == ids:
         for kind, id in reversed(made):
-            _undo_created(kind, id, None)
+            _remove_quietly(kind, id)
         _last_batch.made = None
 
 
@@ -833,59 +833,75 @@ def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> l
     if not specs:
         return []
     ns = ipc_lock()
-    checked = False
+    calls = [(CODE[spec.kind], spec.id, spec.key, spec.size if spec.kind != "msg" else 0,
+              IPC_CREAT | IPC_EXCL | spec.mode) for spec in specs]
+    # Filled by the backend before it returns: how far the batch got, even if
+    # a signal handler's exception interrupts this frame right after.
+    outcome = [0, _sys.BATCH_DONE, 0, 0]
     try:
         with ns.held(), ns.alloc:
+            _create_all(ns, specs, calls, outcome)
             for spec in specs:
-                holder = _holder(spec.kind, spec.id)
-                if holder != -1:
-                    raise _busy_error(spec.kind, spec.id, holder)
-            checked = True  # from here, an object at a spec's id is this batch's
-            created = [_create_one(ns, spec) for spec in specs]
-            for kind, id in created:
-                ns.note(kind, id)
+                ns.note(spec.kind, spec.id)
             for kind in {spec.kind for spec in specs}:
                 restore_knob(kind, ns)  # a block of this thread may have armed it
-        _last_batch.made = created
-        return [id for _, id in created]
+        _last_batch.made = [(spec.kind, spec.id) for spec in specs]
+        return [spec.id for spec in specs]
     except BaseException:
-        if checked:
-            # Every spec's id was free when the lock was taken: an object at
-            # one of them now is this batch's, even one a signal handler's
-            # exception kept from being recorded.
-            _sys.finish(_undo_batch, ns, specs)
+        _sys.finish(_undo_batch, ns, specs[:outcome[0]])
         raise
 
 
-def _undo_batch(ns, specs):
+def _create_all(ns, specs, calls, outcome):
+    """Every creation of a batch in as few backend calls as its outcome allows.
+
+    One call checks every index and makes every object. A creation outside
+    idpin's lock that consumed the knob stops it at that object (the wrongly
+    numbered one removed already): as for a single creation, only an id still
+    taken afterwards is busy, and the batch goes on from there.
+    """
+    knob_fds = tuple(ns.knob(KNOB[kind]) for kind in KINDS)
+    mask = (1 << ipc_shift()) - 1
+    check, attempts, deadline = True, 0, time.monotonic() + RETRY_SECONDS
+    while True:
+        _sys.ipc_create_batch(knob_fds, calls, outcome[0], check, mask, outcome)
+        made, code, value, at = outcome
+        if code == _sys.BATCH_DONE:
+            return
+        spec = specs[at]
+        if code == _sys.BATCH_BUSY:
+            raise _busy_error(spec.kind, spec.id, value)
+        if code == _sys.BATCH_WRONG:
+            attempts += 1
+            if (attempts < RETRY_ATTEMPTS and time.monotonic() < deadline
+                    and _free_soon(spec.kind, spec.id)):
+                check = False  # checked already; a creation still verifies its id
+                continue
+            raise _wrong_id_error(spec.kind, spec.id, value)
+        if code == _sys.BATCH_RMID:
+            raise OSError(errno.EIO, "%s %d was created with a wrong id and could not be "
+                          "removed" % (spec.kind, value))
+        if code == _sys.BATCH_SHORT:
+            raise OSError(errno.EIO, "short write of %d to %s" % (spec.id, KNOB[spec.kind]))
+        if value in (errno.ENOSPC, errno.ENOMEM):
+            raise _full_error(spec.kind, OSError(value, os.strerror(value)))
+        raise OSError(value, os.strerror(value))
+
+
+def _undo_batch(ns, made):
     """Resumable: remove what a batch made, and leave the knobs as blocks expect."""
-    for spec in reversed(specs):
-        _undo_created(spec.kind, spec.id, None)
+    for spec in reversed(made):
+        _remove_quietly(spec.kind, spec.id)
     with ns.held(), ns.alloc:
         for kind in KINDS:
             restore_knob(kind, ns)
 
 
-def _create_one(ns, spec):
-    flags = IPC_CREAT | IPC_EXCL | spec.mode
-    deadline = time.monotonic() + RETRY_SECONDS
-    for _ in range(RETRY_ATTEMPTS):
-        try:
-            got = _sys.ipc_create_pinned(
-                ns.knob(KNOB[spec.kind]), CODE[spec.kind], spec.id, spec.key, spec.size, flags
-            )
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.ENOMEM):
-                raise _full_error(spec.kind, err) from None
-            raise
-        if got == spec.id:
-            return spec.kind, got
-        # A creation outside idpin's lock consumed the knob (the wrongly
-        # numbered object is removed already): as for a single creation, only
-        # an id still taken afterwards is busy.
-        if time.monotonic() >= deadline or not _free_soon(spec.kind, spec.id):
-            break
-    raise _wrong_id_error(spec.kind, spec.id, got)
+def _remove_quietly(kind, id):
+    try:
+        _sys.ipc_remove(CODE[kind], id)
+    except OSError:
+        pass  # removed already (a resumed undo)
 
 
 KIND_OBJECTS = {kind: Kind(kind, _validator(kind), arm, disarm) for kind in KINDS}

@@ -136,14 +136,32 @@ def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
             kind="pid",
         )
     if pid is not None:
-        return pinned_fork(validate_pid(pid), mechanism)
+        return _fork_pinned(validate_pid(pid), mechanism)
     found = pending("pid")
     if found is None:
         return plain_fork()
     req, value = found
-    child = pinned_fork(value, mechanism)
+    child = _fork_pinned(value, mechanism)
     req.consumed["pid"] = value  # inline: no call between the fork and recording it
     return child
+
+
+def _fork_pinned(value, mechanism):
+    """The common case first, in as few steps as possible: a single-threaded
+    process, one pid level, clone3. Every page either side of a fork touches
+    costs a copy-on-write fault, so the decision is one stat and the fork is
+    one backend call; anything else (a refusal included) takes pinned_fork,
+    which makes the decision in full and explains a refusal."""
+    if (type(value) is int and mechanism != "ns_last_pid" and not _clone3_missing
+            and thread_count() == 1):
+        try:
+            return _sys.clone3_fork((value,), _sys.tid_cache_offset())
+        except (OSError, RuntimeError):
+            pass  # retried, translated or reported below
+        except BaseException:
+            undo_interrupted_fork(value)
+            raise
+    return pinned_fork(value, mechanism)
 
 
 def plain_fork():

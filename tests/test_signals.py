@@ -243,7 +243,7 @@ def test_a_handler_raising_inside_a_pinned_openpty_closes_the_pair_and_leaves_th
 def test_a_handler_raising_inside_create_many_removes_the_batch():
     specs = [ipc.Spec("sem", SEM), ipc.Spec("msg", (4 << 15) | 22)]
     with handler_on_sigusr1(raises=True) as ran:
-        with signal_during(ipc, "_create_one"), pytest.raises(Boom):
+        with signal_during(ipc, "_create_all"), pytest.raises(Boom):
             ipc.create_many(specs)
     assert len(ran) == 1 and ran_outside_idpin(ran[0])
     # The namespace runner fails the test if an object is left; and the ids are free:

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     # module, which has the same signatures, carries no type information);
     # at run time use() puts the chosen backend's functions here.
     from ._ctypes import (  # noqa: F401
-        clone3_fork, clone3_probe, flock, ipc_count, ipc_create_pinned, ipc_get, ipc_remove,
-        ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, ptmx_walk, pty_index,
-        proc_read, pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
+        clone3_fork, clone3_probe, flock, ipc_count, ipc_create_batch, ipc_create_pinned, ipc_get,
+        ipc_remove, ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, proc_read,
+        ptmx_walk, pty_index, pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -48,6 +48,7 @@ INTERFACE = (
     "ipc_stat_index",
     "ipc_count",
     "ipc_create_pinned",
+    "ipc_create_batch",
     "sem_getall",
     "msg_copy",
     "shm_read",

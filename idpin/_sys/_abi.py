@@ -95,3 +95,12 @@ LOOP_ARCH = 3       # the audit arch the fast paths apply to
 LOOP_EXITS_FAST = 4  # nonzero = answer the two numbers below even when [0] is 0
 LOOP_EXIT_NRS = (5, 6)
 LOOP_CONTROL_INTS = 7
+# Outcomes of ipc_create_batch: where a pinned creation stopped (the first
+# five are also the steps of one pinned creation, in the Cython backend).
+BATCH_DONE = 0
+BATCH_KNOB = 1    # the knob write failed (value: errno)
+BATCH_SHORT = 2   # the knob write was short
+BATCH_GET = 3     # the creation (or the index check) failed (value: errno)
+BATCH_RMID = 4    # a wrongly numbered object could not be removed (value: its id)
+BATCH_WRONG = 100  # created with another id, removed already (value: that id)
+BATCH_BUSY = 101   # the index check found it held (value: the holder's id); nothing created

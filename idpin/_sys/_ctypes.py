@@ -20,7 +20,25 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_gil = ctypes.PyDLL(None, use_errno=True)
 _api = ctypes.pythonapi
 
-_ALL_SIGNALS = set(signal.valid_signals())
+# sigset_t is 128 bytes in glibc; the full set is built once, and each
+# block/restore is one libc call (signal.pthread_sigmask converts a Python
+# set of every signal on every call).
+_SIGSET_BYTES = 128
+_FULL_SIGSET = ctypes.create_string_buffer(_SIGSET_BYTES)
+_libc.sigfillset(_FULL_SIGSET)
+_sigmask = _libc.pthread_sigmask
+_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def _block_signals():
+    """Block every signal; the previous mask, for _restore_signals."""
+    previous = ctypes.create_string_buffer(_SIGSET_BYTES)
+    _sigmask(signal.SIG_BLOCK, _FULL_SIGSET, previous)
+    return previous
+
+
+def _restore_signals(previous):
+    _sigmask(signal.SIG_SETMASK, previous, None)
 
 _raw_syscall = _libc.syscall
 _raw_syscall.restype = ctypes.c_long
@@ -103,7 +121,7 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
     head, size = _get_robust_list()
     # Python code runs between these C calls here: a signal handler raising
     # there would skip PyOS_AfterFork_* and leave the import lock held.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     _api.PyOS_BeforeFork()
     pid = _fork_syscall(ctypes.c_long(_abi.SYS_clone3), ctypes.byref(args),
                         ctypes.c_size_t(ctypes.sizeof(args)))
@@ -111,11 +129,11 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
         # The kernel dropped the robust futex registration in the child.
         _fork_syscall(ctypes.c_long(_abi.SYS_set_robust_list), head, size)
         _api.PyOS_AfterFork_Child()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
         return 0
     code = ctypes.get_errno()
     _api.PyOS_AfterFork_Parent()
-    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _restore_signals(previous)
     if pid < 0:
         raise OSError(code, "clone3(set_tid=%s): %s" % (list(set_tid), os.strerror(code)))
     del tids
@@ -136,28 +154,28 @@ def knob_fork(knob_fd, pid):
     Returns 0 in the child and the child's pid in the parent.
     """
     data = b"%d" % (pid - 1)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     _api.PyOS_BeforeFork()
     try:
         written = os.pwrite(knob_fd, data, 0)
     except BaseException:
         _api.PyOS_AfterFork_Parent()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
         raise
     if written != len(data):
         _api.PyOS_AfterFork_Parent()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
         raise OSError(errno.EIO, "short write of %d to a knob" % (pid - 1))
     child = _fork_call()
     if child == 0:
         if _getpid_call() != pid:
             os._exit(125)
         _api.PyOS_AfterFork_Child()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
         return 0
     code = ctypes.get_errno()
     _api.PyOS_AfterFork_Parent()
-    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _restore_signals(previous)
     if child < 0:
         raise OSError(code, "fork: %s" % os.strerror(code))
     return child
@@ -370,15 +388,63 @@ def ipc_create_pinned(knob_fd, kind, want, key, arg, flags):
     """
     # One step to the caller, as in the Cython backend: no signal handler
     # may run between creating a wrongly numbered object and removing it.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     try:
-        knob_write(knob_fd, want)
-        got = ipc_get(kind, key, arg, flags)
-        if got != want:
-            ipc_remove(kind, got)
+        return _create_pinned(knob_fd, kind, want, key, arg, flags)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
+
+
+def _create_pinned(knob_fd, kind, want, key, arg, flags):
+    knob_write(knob_fd, want)
+    got = ipc_get(kind, key, arg, flags)
+    if got != want:
+        ipc_remove(kind, got)
     return got
+
+
+def ipc_create_batch(knob_fds, calls, start, check, index_mask, outcome):
+    """Pinned creations in a row from ``calls[start]`` (see the Cython backend's docstring).
+
+    With every signal blocked throughout, as the Cython loop runs without
+    returning to Python; ``outcome`` is filled before they are unblocked.
+    """
+    previous = _block_signals()
+    try:
+        outcome[:] = _create_batch(knob_fds, calls, start, check, index_mask)
+    finally:
+        _restore_signals(previous)
+
+
+def _create_batch(knob_fds, calls, start, check, index_mask):
+    if check:
+        for position in range(start, len(calls)):
+            kind, want = calls[position][:2]
+            try:
+                holder = ipc_stat_index(kind, want & index_mask)
+            except OSError as err:
+                if err.errno == errno.EIDRM:
+                    continue
+                return start, _abi.BATCH_GET, err.errno, position
+            if holder != -1:
+                return start, _abi.BATCH_BUSY, holder, position
+    for position in range(start, len(calls)):
+        kind, want, key, arg, flags = calls[position]
+        try:
+            knob_write(knob_fds[kind], want)
+        except OSError as err:
+            return position, _abi.BATCH_KNOB, err.errno, position
+        try:
+            got = ipc_get(kind, key, arg, flags)
+        except OSError as err:
+            return position, _abi.BATCH_GET, err.errno, position
+        if got != want:
+            try:
+                ipc_remove(kind, got)
+            except OSError:
+                return position, _abi.BATCH_RMID, got, position
+            return position, _abi.BATCH_WRONG, got, position
+    return len(calls), _abi.BATCH_DONE, 0, len(calls)
 
 
 class _MqAttr(ctypes.Structure):
@@ -405,7 +471,7 @@ def record_write(name, data):
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     # One step to the caller, as in the Cython backend: no signal handler
     # may run while the queue's descriptor is open.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     try:
         queue = _libc.mq_open(os.fsencode(name), flags, ctypes.c_uint(0o600), ctypes.byref(attr))
         if queue < 0:
@@ -415,7 +481,7 @@ def record_write(name, data):
         code = ctypes.get_errno()
         _libc.mq_close(queue)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
     if rc < 0:
         record_remove(name)
         raise OSError(code, "mq_send: %s" % os.strerror(code))
@@ -424,7 +490,7 @@ def record_write(name, data):
 def record_read(name):
     """The message of the record ``name``, or None if there is none."""
     buf = ctypes.create_string_buffer(65536)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     try:
         queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         if queue < 0:
@@ -436,7 +502,7 @@ def record_read(name):
         code = ctypes.get_errno()
         _libc.mq_close(queue)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
     if got < 0:
         if code == errno.EAGAIN:
             return b""
@@ -446,14 +512,14 @@ def record_read(name):
 
 def record_exists(name):
     """Whether the record ``name`` exists (its message, if any, left in place)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    previous = _block_signals()
     try:
         queue = _libc.mq_open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         code = ctypes.get_errno()
         if queue >= 0:
             _libc.mq_close(queue)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _restore_signals(previous)
     if queue >= 0:
         return True
     if code == errno.ENOENT:
