@@ -11,6 +11,7 @@ operations (a pinned IPC creation, a ptmx walk) run as one C call each.
 import os
 
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.long cimport PyLong_AsUnsignedLongMask
 from cpython.object cimport PyObject_AsFileDescriptor
 from libc.errno cimport errno, EINTR, EINVAL, EIO, EMFILE, EIDRM
@@ -18,6 +19,7 @@ from libc.signal cimport SIGCHLD
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
+cimport posix.stat as libc_stat
 from posix.fcntl cimport open as c_open, O_RDWR, O_NOCTTY, O_CLOEXEC
 from posix.resource cimport getrlimit, rlimit, rlim_t, RLIMIT_NOFILE
 from posix.unistd cimport close, pread, pwrite, _exit, getpid, fork as c_fork
@@ -128,24 +130,38 @@ def clone3_sibling(set_tid, tid_offset):
 
 cdef object _clone3_fork(set_tid, tid_offset, uint64_t extra_flags):
     cdef int tids[MAX_PID_NS_LEVEL]
+    cdef int code = 0
+    cdef long pid
+    items = _set_tid_items(set_tid, tids)
+    pid = _clone3_raw(tids, len(items), tid_offset, extra_flags, &code)
+    if pid == 0:
+        return 0
+    if pid < 0:
+        if code == 0:
+            raise _oserror("get_robust_list", errno)
+        raise OSError(code, "clone3(set_tid=%s): %s" % (list(items), os.strerror(code)))
+    return pid
+
+
+cdef long _clone3_raw(const int *tids, Py_ssize_t n, Py_ssize_t offset, uint64_t extra_flags,
+                      int *code):
+    """clone3(set_tid) inside CPython's fork protocol: the pid, 0 in the child, or -1
+    with ``*code`` the errno (0: get_robust_list failed, before anything)."""
     cdef clone_args args
     cdef void *robust_head = NULL
     cdef size_t robust_len = 0
     cdef long pid
-    cdef int code
-    cdef Py_ssize_t offset = tid_offset
-    items = _set_tid_items(set_tid, tids)
     # glibc caches the tid in its struct pthread and the child inherits the
     # parent's copy: CHILD_SETTID has the kernel write the child's own tid
     # there, CHILD_CLEARTID clears it at exit. These are the flags glibc's
     # fork passes for the same field.
-    _clone_args(&args, tids, len(items),
-                CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | extra_flags,
+    _clone_args(&args, tids, n, CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | extra_flags,
                 <uint64_t><uintptr_t>(<char *>pthread_self() + offset))
     # A new task starts with no robust futex list; glibc's fork registers the
     # parent's head again in the child, so read it while we still can.
     if syscall(SYS_get_robust_list, <long>0, &robust_head, &robust_len) != 0:
-        raise _oserror("get_robust_list", errno)
+        code[0] = 0
+        return -1
     # The GIL is held across the fork protocol, as os.fork holds it across
     # fork(): PyOS_BeforeFork takes the interpreter's locks and runs the
     # os.register_at_fork hooks, and no other thread may run between it and
@@ -156,11 +172,116 @@ cdef object _clone3_fork(set_tid, tid_offset, uint64_t extra_flags):
         syscall(SYS_set_robust_list, robust_head, robust_len)
         PyOS_AfterFork_Child()
         return 0
-    code = errno
+    code[0] = errno
     PyOS_AfterFork_Parent()
-    if pid < 0:
-        raise OSError(code, "clone3(set_tid=%s): %s" % (list(items), os.strerror(code)))
     return pid
+
+
+# -- idpin.fork's fast path ------------------------------------------------------------
+#
+# Every page the parent writes between two forks costs it a fault (fork
+# write-protects them all), and Python touches many pages per call: the code
+# objects' inline caches, frames, the refcounts of every object named. So the
+# common case (an explicit pid, one level, a single-threaded process, the
+# Cython backend) is decided and made here, from C variables that Python
+# (idpin.pids) sets once per process: anything else is the Python path.
+
+cdef bint _fast_armed = False
+cdef int _fast_task_fd = -1
+cdef long _fast_pid_max = 0
+cdef Py_ssize_t _fast_tid_offset = 0
+cdef unsigned long _fast_main_thread = 0
+cdef bint _inside_fast_fork = False
+cdef object _fast_slow = None
+cdef object _fast_door_exit = None
+cdef object _fast_undo = None
+cdef dict _fast_held = None
+
+
+def set_fork_paths(slow, door_exit, undo, held):
+    """The Python path (``slow(pid, mechanism)``); the door's delivery of held signals
+    (``door_exit(child, undo)``, which calls ``undo(child)`` if a handler raises); the
+    held signals' dict."""
+    global _fast_slow, _fast_door_exit, _fast_undo, _fast_held
+    _fast_slow, _fast_door_exit, _fast_undo, _fast_held = slow, door_exit, undo, held
+
+
+def arm_fast_fork(task_fd, pid_max, tid_offset, main_thread):
+    """Let fork() take the fast path: the fd of /proc/self/task (its link count says
+    how many threads there are), this pid namespace's pid_max, glibc's tid offset,
+    the thread that may take it (the main one: signal handlers run there)."""
+    global _fast_armed, _fast_task_fd, _fast_pid_max, _fast_tid_offset, _fast_main_thread
+    _fast_task_fd, _fast_pid_max, _fast_tid_offset = task_fd, pid_max, tid_offset
+    _fast_main_thread = main_thread
+    _fast_armed = True
+
+
+def disarm_fast_fork():
+    global _fast_armed
+    _fast_armed = False
+
+
+def fast_fork_armed():
+    return bool(_fast_armed)
+
+
+def inside_fast_fork():
+    """Whether the fast path is forking: a signal arriving now arrived inside idpin."""
+    return bool(_inside_fast_fork)
+
+
+cdef bint _fast_applies(pid, mechanism, long *value):
+    cdef libc_stat.struct_stat st
+    if not _fast_armed or type(pid) is not int:
+        return False
+    if mechanism is not None and mechanism != "clone3":
+        return False
+    if not 1 <= pid < _fast_pid_max:
+        return False
+    value[0] = pid
+    if PyThread_get_thread_ident() != _fast_main_thread:
+        return False
+    # procfs counts a task directory's links as 2 + its threads.
+    return libc_stat.fstat(_fast_task_fd, &st) == 0 and st.st_nlink == 3
+
+
+def fork(pid=None, mechanism=None):
+    """Fork; the child gets ``pid`` (or this thread's pending pid request).
+
+    Returns 0 in the child and the child's pid in the parent, like os.fork.
+    ``mechanism`` forces "clone3" or "ns_last_pid" (default: decided per fork).
+    """
+    global _inside_fast_fork
+    cdef long value = 0
+    cdef int tid
+    cdef int code = 0
+    cdef long child
+    if not _fast_applies(pid, mechanism, &value):
+        return _fast_slow(pid, mechanism)
+    tid = <int>value
+    # A signal arriving from here (an at-fork hook's, one during the fork) is
+    # held, as inside any of idpin's doors, and delivered below.
+    _inside_fast_fork = True
+    child = _clone3_raw(&tid, 1, _fast_tid_offset, 0, &code)
+    if child == 0:
+        _inside_fast_fork = False
+        _fast_armed = False  # the child's fd and thread count are not these
+        return 0
+    if child < 0:
+        _inside_fast_fork = False
+        return _fast_slow(pid, mechanism)  # tried again, translated or explained there
+    try:
+        # Idpin's handler wrappers hold what arrived; a handler installed
+        # around them runs now, and if it raises the caller never gets the child.
+        PyErr_CheckSignals()
+    except BaseException:
+        _inside_fast_fork = False
+        finish(_fast_undo, child)
+        raise
+    _inside_fast_fork = False
+    if _fast_held:
+        return _fast_door_exit(child, _fast_undo)
+    return child
 
 
 def knob_fork(knob_fd, pid):
@@ -353,6 +474,19 @@ def knob_read(fd):
             raise _stdlib_error(code)
         PyErr_CheckSignals()
     return int(buf[:got])
+
+
+def fd_nlink(fd):
+    """fstat(fd).st_nlink, without building a stat result (it is read before every pinned fork)."""
+    cdef int cfd = fd
+    cdef libc_stat.struct_stat st
+    cdef int rc, code
+    with nogil:
+        rc = libc_stat.fstat(cfd, &st)
+        code = errno
+    if rc < 0:
+        raise _stdlib_error(code)
+    return st.st_nlink
 
 
 def proc_read(fd):

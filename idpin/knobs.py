@@ -537,6 +537,15 @@ def _link_of(kind):
 _current = {}
 
 
+def task_directory():
+    """An fd of this process's /proc/self/task, opened once per process: its link
+    count says how many threads the process has (fstat, no path walk)."""
+    fd = _current.get("task fd")
+    if fd is None:
+        fd = _current["task fd"] = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fd
+
+
 def own_pid_namespace():
     """The inode of this process's own pid namespace, or None if /proc cannot say.
 
@@ -600,7 +609,7 @@ def _namespace_for(path, label, before_kind, keep_open=True):
 
 def cached_fds():
     """fds idpin keeps open on purpose: pooled lock descriptions and knobs per namespace."""
-    fds = set()
+    fds = {_current["task fd"]} if "task fd" in _current else set()
     for namespace in list(_namespaces.values()):
         if namespace.lock._keep_open:
             fds.update(namespace.lock._fds)  # never closed: idle, or held by a thread
@@ -625,8 +634,14 @@ def inherited_armed(kind):
     return _inherited_armed.get((kind, st.st_dev, st.st_ino), {})
 
 
+# Run first in a forked child, by modules that cache what it must not inherit.
+ON_CHILD = []
+
+
 def _forget_all_in_child():
     global _generation, _registry_lock
+    for forget in ON_CHILD:
+        forget()
     _generation += 1
     _registry_lock = threading.Lock()
     # Another thread of the parent may have held one at the fork.
@@ -637,6 +652,12 @@ def _forget_all_in_child():
             _inherited_armed[key[:3]] = dict(namespace.armed)
         namespace.forget_in_child()
     _namespaces.clear()
+    task_fd = _current.get("task fd")
+    if task_fd is not None:
+        try:
+            os.close(task_fd)  # the parent's task directory
+        except OSError:
+            pass
     _current.clear()
     _held.clear()
 

@@ -19,6 +19,7 @@ armed (``without_armed_tid``): pids and tids share the namespace's cursor.
 import errno
 import os
 import signal
+import threading
 import time
 
 from . import _sys, knobs, signals
@@ -47,6 +48,11 @@ KNOB_RETRY_SECONDS = 0.5
 BUSY_RECHECK_SECONDS = 0.05
 
 _clone3_missing = False
+try:
+    # glibc's struct pthread layout: the same for the life of the process.
+    _tid_offset = _sys.tid_cache_offset()
+except RuntimeError:
+    _tid_offset = None  # the clone3 path reports it, and falls back to ns_last_pid
 _pid_max_by_namespace = {}
 
 
@@ -116,10 +122,8 @@ def thread_count() -> int:
     """Threads of this process, as the kernel sees them (C threads included)."""
     try:
         # procfs counts a task directory's links as 2 + its threads.
-        return os.stat("/proc/self/task").st_nlink - 2
+        return _sys.fd_nlink(knobs.task_directory()) - 2
     except OSError:
-        import threading
-
         return threading.active_count()
 
 
@@ -130,38 +134,69 @@ def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     Returns 0 in the child and the child's pid in the parent, like os.fork.
     ``mechanism`` forces "clone3" or "ns_last_pid" (default: decided per fork).
     """
+    # With the Cython backend, idpin.fork is its C twin (_cython.fork), which
+    # makes the common case itself and calls this for everything else.
     if mechanism is not None and mechanism not in MECHANISMS:
         raise RequestError(
             "mechanism must be one of %s or None, not %r" % (", ".join(MECHANISMS), mechanism),
             kind="pid",
         )
     if pid is not None:
-        return _fork_pinned(validate_pid(pid), mechanism)
-    found = pending("pid")
-    if found is None:
-        return plain_fork()
-    req, value = found
-    child = _fork_pinned(value, mechanism)
-    req.consumed["pid"] = value  # inline: no call between the fork and recording it
-    return child
-
-
-def _fork_pinned(value, mechanism):
-    """The common case first, in as few steps as possible: a single-threaded
-    process, one pid level, clone3. Every page either side of a fork touches
-    costs a copy-on-write fault, so the decision is one stat and the fork is
-    one backend call; anything else (a refusal included) takes pinned_fork,
-    which makes the decision in full and explains a refusal."""
-    if (type(value) is int and mechanism != "ns_last_pid" and not _clone3_missing
-            and thread_count() == 1):
+        value = validate_pid(pid)
+    else:
+        found = pending("pid")
+        if found is None:
+            return plain_fork()
+        req, value = found
+    # The common case first, in as few steps as possible: a single-threaded
+    # process, one pid level, clone3. Every page the parent or the child
+    # touches after the fork costs a copy-on-write fault, so the decision is
+    # one fstat and the fork one backend call; anything else (a refusal
+    # included) takes pinned_fork, which decides in full and explains.
+    child = -1
+    if (type(value) is int and mechanism != "ns_last_pid" and _tid_offset is not None
+            and not _clone3_missing and thread_count() == 1):
         try:
-            return _sys.clone3_fork((value,), _sys.tid_cache_offset())
-        except (OSError, RuntimeError):
-            pass  # retried, translated or reported below
+            child = _sys.clone3_fork((value,), _tid_offset)
+        except OSError:
+            pass  # retried, translated or reported by pinned_fork
         except BaseException:
             undo_interrupted_fork(value)
             raise
-    return pinned_fork(value, mechanism)
+        if child > 0 and pid is not None:
+            _arm_fast_path()
+    if child == -1:
+        child = pinned_fork(value, mechanism)
+    if pid is None:
+        req.consumed["pid"] = value  # inline: no call between the fork and recording it
+    return child
+
+
+def _arm_fast_path():
+    """Let the C twin make the next such forks: it reads what it needs from C variables."""
+    if _fast is not None and _sys.BACKEND == "cython":
+        _fast.arm_fast_fork(knobs.task_directory(), namespace_pid_max(), _tid_offset,
+                            threading.main_thread().ident)
+
+
+def fast_path_armed() -> bool:
+    """Whether idpin.fork's next explicit-pid fork may be made by its C twin."""
+    return _fast is not None and _fast.fast_fork_armed()
+
+
+try:
+    from ._sys import _cython as _fast
+except ImportError:
+    _fast = None
+else:
+    _fast.set_fork_paths(fork, signals.c_door_exit, undo_fork, signals.held)
+    signals.inside_c_door = _fast.inside_fast_fork
+    # A forked child's task directory and thread count are not its parent's;
+    # another backend makes its own forks.
+    knobs.ON_CHILD.append(_fast.disarm_fast_fork)
+    _sys.ON_USE.append(_fast.disarm_fast_fork)
+    _fast.fork.__doc__ = fork.__doc__
+    fork = _fast.fork  # noqa: F811 - the public idpin.fork
 
 
 def plain_fork():

@@ -61,6 +61,9 @@ _SHIELDED_CODES: set[Any] = set()
 held: dict[int, FrameType | None] = {}
 _MAIN_THREAD = threading.main_thread().ident
 _wrapper_active = False
+# Whether a door written in C (idpin.fork's fast path) is running: it has no
+# frame to find on the stack. Set by the module that installs that door.
+inside_c_door: Callable[[], bool] = bool
 
 
 def inside_idpin(frame):
@@ -70,6 +73,8 @@ def inside_idpin(frame):
     on the way out; idpin's internals called another way (the restore
     engine, the supervisor, tests) run handlers at once, as Python does.
     """
+    if inside_c_door():
+        return True
     while frame is not None:
         if frame.f_code in _SHIELDED_CODES:
             return True
@@ -218,6 +223,14 @@ def exit_door(depth=1):
         _deliver_at_door(sys._getframe(depth), None, None)
 
 
+def c_door_exit(result, undo):
+    """The door of a call written in C, which has no frame: deliver held signals to
+    its caller's frame, undoing ``result`` if a handler raises."""
+    if held:
+        _deliver_at_door(sys._getframe(1), result, undo)
+    return result
+
+
 def _door_codes():
     probe = door()(lambda: None)
     return {probe.__code__}
@@ -226,7 +239,7 @@ def _door_codes():
 # Delivery holds signals too: one arriving while a handler runs waits for it
 # (the loop in _deliver takes it next), and the door's undo cannot be skipped.
 _SHIELDED_CODES |= _door_codes() | {_deliver.__code__, _run_handler.__code__, _deliver_at_door.__code__,
-                                    exit_door.__code__, deliver_here.__code__}
+                                    exit_door.__code__, deliver_here.__code__, c_door_exit.__code__}
 
 
 # -- routing of signal.signal ---------------------------------------------------------

@@ -265,3 +265,34 @@ def test_a_signal_arriving_while_waiting_for_the_lock_ends_the_wait_at_once():
     finally:
         idpin.set_lock_timeout(previous)
     assert not knobs.any_held()
+
+
+def test_a_handler_raising_inside_an_explicit_pid_fork_undoes_it(backend):
+    # The Cython backend makes these in C once the first has armed that path.
+    first = idpin.fork(pid=PID)
+    if first == 0:
+        exit_with_my_pid_check(PID)
+    assert first == PID and reap(first) == 0
+    assert pids.fast_path_armed() == (backend == "cython")
+    with handler_on_sigusr1(raises=True) as ran:
+        with signal_inside_fork(), pytest.raises(Boom):
+            idpin.fork(pid=PID)
+        assert len(ran) == 1 and ran_outside_idpin(ran[0])
+    child = idpin.fork(pid=PID)  # free again: the interrupted fork's child is gone
+    if child == 0:
+        exit_with_my_pid_check(PID)
+    assert child == PID and reap(child) == 0
+
+
+def test_a_handler_that_returns_inside_an_explicit_pid_fork_keeps_the_child(backend):
+    first = idpin.fork(pid=PID)
+    if first == 0:
+        exit_with_my_pid_check(PID)
+    assert reap(first) == 0
+    with handler_on_sigusr1(raises=False) as ran:
+        with signal_inside_fork():
+            child = idpin.fork(pid=PID)
+            if child == 0:
+                exit_with_my_pid_check(PID)
+        assert len(ran) == 1 and ran_outside_idpin(ran[0])
+    assert child == PID and reap(child) == 0

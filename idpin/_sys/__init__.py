@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     # module, which has the same signatures, carries no type information);
     # at run time use() puts the chosen backend's functions here.
     from ._ctypes import (  # noqa: F401
-        clone3_fork, clone3_probe, flock, ipc_count, ipc_create_batch, ipc_create_pinned, ipc_get,
-        ipc_remove, ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl, proc_read,
-        ptmx_walk, pty_index, pty_peer, record_exists, record_read, record_remove, record_write, setns, unshare)
+        clone3_fork, clone3_probe, fd_nlink, flock, ipc_count, ipc_create_batch, ipc_create_pinned,
+        ipc_get, ipc_remove, ipc_stat_index, knob_fork, knob_read, knob_write, mount, prctl,
+        proc_read, ptmx_walk, pty_index, pty_peer, record_exists, record_read, record_remove,
+        record_write, setns, unshare)
 
 INTERFACE = (
     "BACKEND",
@@ -43,6 +44,7 @@ INTERFACE = (
     "knob_write",
     "knob_read",
     "proc_read",
+    "fd_nlink",
     "ipc_get",
     "ipc_remove",
     "ipc_stat_index",
@@ -104,6 +106,10 @@ def _module_for(name):
     return importlib.import_module("idpin._sys._" + name)
 
 
+# Called whenever the backend changes, by modules that cached a path through the previous one.
+ON_USE = []
+
+
 def use(name):
     """Make ``name`` ("cython" or "ctypes") the backend of every later call."""
     module = _module_for(name)
@@ -111,6 +117,8 @@ def use(name):
     if missing:
         raise ImportError("idpin backend %r lacks %s" % (name, ", ".join(missing)))
     globals().update({attr: getattr(module, attr) for attr in INTERFACE})
+    for forget in ON_USE:
+        forget()
 
 
 def _load_default():

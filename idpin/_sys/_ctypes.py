@@ -243,6 +243,10 @@ def knob_read(fd):
     return int(os.pread(fd, 32, 0))
 
 
+def fd_nlink(fd):
+    return os.fstat(fd).st_nlink
+
+
 def proc_read(fd):
     parts = []
     while True:

@@ -1,0 +1,112 @@
+"""idpin.fork's fast path: with the Cython backend, an explicit-pid fork of a
+single-threaded process is decided and made in C (idpin._sys._cython.fork),
+armed by the first such fork of the Python path. It must give exactly what
+the Python path gives, and step aside whenever that path would decide
+otherwise."""
+import os
+import threading
+
+import pytest
+
+import idpin
+from idpin import _sys, pids
+
+from helpers import child_exits_with, reap, second_thread
+
+PID = 32001
+
+
+def fork_exact(pid, **options):
+    child = idpin.fork(pid=pid, **options)
+    if child == 0:
+        child_exits_with(lambda: os.getpid() == pid == threading.get_native_id())
+    assert child == pid
+    assert reap(child) == 0
+
+
+def test_the_first_explicit_pid_fork_arms_the_c_path_and_later_ones_are_exact(backend):
+    assert not pids.fast_path_armed()
+    fork_exact(PID)
+    assert pids.fast_path_armed() == (backend == "cython")
+    for pid in range(PID + 1, PID + 20):
+        fork_exact(pid)
+    fork_exact(PID + 20, mechanism="clone3")
+    assert pids.fast_path_armed() == (backend == "cython")
+
+
+def test_a_busy_pid_on_the_fast_path_is_idbusyerror_and_no_child(backend):
+    fork_exact(PID)
+    holder = idpin.fork(pid=PID + 1)
+    if holder == 0:
+        os.read(os.pipe()[0], 1)  # held until killed
+    try:
+        with pytest.raises(idpin.IdBusyError, match=str(PID + 1)):
+            idpin.fork(pid=PID + 1)
+    finally:
+        os.kill(holder, 9)
+        reap(holder)
+    fork_exact(PID + 1)
+
+
+def test_out_of_range_and_bad_pids_are_refused_on_the_fast_path_too(backend):
+    fork_exact(PID)
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    with pytest.raises(idpin.RequestError, match="out of range"):
+        idpin.fork(pid=pid_max)
+    with pytest.raises(idpin.RequestError):
+        idpin.fork(pid=0)
+    with pytest.raises(idpin.RequestError):
+        idpin.fork(pid=True)
+    with pytest.raises(idpin.RequestError, match="mechanism"):
+        idpin.fork(pid=PID, mechanism="vfork")
+    assert pids.fast_path_armed() == (backend == "cython")
+
+
+def test_a_lowered_pid_max_is_honoured_after_the_path_was_armed(backend):
+    fork_exact(PID)
+    with open("/proc/sys/kernel/pid_max", "w") as f:
+        f.write(str(PID))  # this test's own pid namespace: pid_max is per namespace
+    with pytest.raises(idpin.RequestError, match="out of range"):
+        idpin.fork(pid=PID + 5)
+    fork_exact(PID - 5)
+
+
+def test_a_second_thread_makes_the_fork_take_the_knob_path(backend):
+    fork_exact(PID)
+    with second_thread():
+        fork_exact(PID + 1)  # clone3 would be unsafe here: the Python path chooses ns_last_pid
+        with pytest.raises(idpin.UnsupportedError, match="single-threaded"):
+            idpin.fork(pid=PID + 2, mechanism="clone3")
+    fork_exact(PID + 3)
+
+
+def test_a_forked_child_does_not_inherit_the_armed_path(backend):
+    fork_exact(PID)
+    child = os.fork()
+    if child == 0:
+        child_exits_with(forks_exactly_without_its_parents_path)
+    assert reap(child) == 0
+
+
+def forks_exactly_without_its_parents_path():
+    # Its parent's /proc/self/task fd and thread count are not its own.
+    if pids.fast_path_armed():
+        return False
+    grandchild = idpin.fork(pid=PID + 1)
+    if grandchild == 0:
+        os._exit(0 if os.getpid() == PID + 1 else 1)
+    return grandchild == PID + 1 and reap(grandchild) == 0
+
+
+def test_changing_the_backend_disarms_it(backend):
+    fork_exact(PID)
+    _sys.use("ctypes")
+    try:
+        assert not pids.fast_path_armed()
+        fork_exact(PID + 1)
+        assert not pids.fast_path_armed()
+    finally:
+        _sys.use(backend)
+    fork_exact(PID + 2)
+    assert pids.fast_path_armed() == (backend == "cython")
