@@ -99,6 +99,10 @@ cdef extern from "<sys/mount.h>" nogil:
 
 cdef extern from "<sys/file.h>" nogil:
     int c_flock "flock"(int fd, int operation)
+    enum:
+        LOCK_EX
+        LOCK_NB
+        LOCK_UN
 
 
 # CPython's own fork protocol: these run Python code, so they need the GIL.

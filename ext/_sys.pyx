@@ -177,113 +177,6 @@ cdef long _clone3_raw(const int *tids, Py_ssize_t n, Py_ssize_t offset, uint64_t
     return pid
 
 
-# -- idpin.fork's fast path ------------------------------------------------------------
-#
-# Every page the parent writes between two forks costs it a fault (fork
-# write-protects them all), and Python touches many pages per call: the code
-# objects' inline caches, frames, the refcounts of every object named. So the
-# common case (an explicit pid, one level, a single-threaded process, the
-# Cython backend) is decided and made here, from C variables that Python
-# (idpin.pids) sets once per process: anything else is the Python path.
-
-cdef bint _fast_armed = False
-cdef int _fast_task_fd = -1
-cdef long _fast_pid_max = 0
-cdef Py_ssize_t _fast_tid_offset = 0
-cdef unsigned long _fast_main_thread = 0
-cdef bint _inside_fast_fork = False
-cdef object _fast_slow = None
-cdef object _fast_door_exit = None
-cdef object _fast_undo = None
-cdef dict _fast_held = None
-
-
-def set_fork_paths(slow, door_exit, undo, held):
-    """The Python path (``slow(pid, mechanism)``); the door's delivery of held signals
-    (``door_exit(child, undo)``, which calls ``undo(child)`` if a handler raises); the
-    held signals' dict."""
-    global _fast_slow, _fast_door_exit, _fast_undo, _fast_held
-    _fast_slow, _fast_door_exit, _fast_undo, _fast_held = slow, door_exit, undo, held
-
-
-def arm_fast_fork(task_fd, pid_max, tid_offset, main_thread):
-    """Let fork() take the fast path: the fd of /proc/self/task (its link count says
-    how many threads there are), this pid namespace's pid_max, glibc's tid offset,
-    the thread that may take it (the main one: signal handlers run there)."""
-    global _fast_armed, _fast_task_fd, _fast_pid_max, _fast_tid_offset, _fast_main_thread
-    _fast_task_fd, _fast_pid_max, _fast_tid_offset = task_fd, pid_max, tid_offset
-    _fast_main_thread = main_thread
-    _fast_armed = True
-
-
-def disarm_fast_fork():
-    global _fast_armed
-    _fast_armed = False
-
-
-def fast_fork_armed():
-    return bool(_fast_armed)
-
-
-def inside_fast_fork():
-    """Whether the fast path is forking: a signal arriving now arrived inside idpin."""
-    return bool(_inside_fast_fork)
-
-
-cdef bint _fast_applies(pid, mechanism, long *value):
-    cdef libc_stat.struct_stat st
-    if not _fast_armed or type(pid) is not int:
-        return False
-    if mechanism is not None and mechanism != "clone3":
-        return False
-    if not 1 <= pid < _fast_pid_max:
-        return False
-    value[0] = pid
-    if PyThread_get_thread_ident() != _fast_main_thread:
-        return False
-    # procfs counts a task directory's links as 2 + its threads.
-    return libc_stat.fstat(_fast_task_fd, &st) == 0 and st.st_nlink == 3
-
-
-def fork(pid=None, mechanism=None):
-    """Fork; the child gets ``pid`` (or this thread's pending pid request).
-
-    Returns 0 in the child and the child's pid in the parent, like os.fork.
-    ``mechanism`` forces "clone3" or "ns_last_pid" (default: decided per fork).
-    """
-    global _inside_fast_fork
-    cdef long value = 0
-    cdef int tid
-    cdef int code = 0
-    cdef long child
-    if not _fast_applies(pid, mechanism, &value):
-        return _fast_slow(pid, mechanism)
-    tid = <int>value
-    # A signal arriving from here (an at-fork hook's, one during the fork) is
-    # held, as inside any of idpin's doors, and delivered below.
-    _inside_fast_fork = True
-    child = _clone3_raw(&tid, 1, _fast_tid_offset, 0, &code)
-    if child == 0:
-        _inside_fast_fork = False
-        _fast_armed = False  # the child's fd and thread count are not these
-        return 0
-    if child < 0:
-        _inside_fast_fork = False
-        return _fast_slow(pid, mechanism)  # tried again, translated or explained there
-    try:
-        # Idpin's handler wrappers hold what arrived; a handler installed
-        # around them runs now, and if it raises the caller never gets the child.
-        PyErr_CheckSignals()
-    except BaseException:
-        _inside_fast_fork = False
-        finish(_fast_undo, child)
-        raise
-    _inside_fast_fork = False
-    if _fast_held:
-        return _fast_door_exit(child, _fast_undo)
-    return child
-
-
 def knob_fork(knob_fd, pid):
     """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
 
@@ -1635,3 +1528,226 @@ def finish(fn, *args):
             return result
         break
     raise first
+
+
+from libc.errno cimport ESRCH, EEXIST
+from libc.stdio cimport snprintf
+from libc.stdlib cimport strtol
+from posix.signal cimport kill
+
+
+# -- idpin.fork's fast path ------------------------------------------------------------
+#
+# Every page the parent writes between two forks costs it a fault (fork
+# write-protects them all), and Python touches many pages per call: the code
+# objects' inline caches, frames, the refcounts of every object named. So the
+# common case (an explicit pid, one level, a single-threaded process, the
+# Cython backend) is decided and made here, from C variables that Python
+# (idpin.pids) sets once per process: anything else is the Python path.
+
+cdef bint _fast_armed = False
+cdef int _fast_task_fd = -1
+cdef long _fast_pid_max = 0
+cdef Py_ssize_t _fast_tid_offset = 0
+cdef unsigned long _fast_main_thread = 0
+cdef bint _inside_fast_fork = False
+cdef bint _clone3_armed = False
+# The knob path's (armed apart, by the first knob-path fork): a description of
+# the pid namespace file of its own (its flock excludes every other holder's),
+# ns_last_pid, and the name of the cursor record.
+cdef bint _knob_armed = False
+cdef int _knob_lock_fd = -1
+cdef int _knob_fd = -1
+cdef bytes _knob_record = None
+cdef object _fast_slow = None
+cdef object _fast_door_exit = None
+cdef object _fast_undo = None
+cdef dict _fast_held = None
+
+
+def set_fork_paths(slow, door_exit, undo, held):
+    """The Python path (``slow(pid, mechanism)``); the door's delivery of held signals
+    (``door_exit(child, undo)``, which calls ``undo(child)`` if a handler raises); the
+    held signals' dict."""
+    global _fast_slow, _fast_door_exit, _fast_undo, _fast_held
+    _fast_slow, _fast_door_exit, _fast_undo, _fast_held = slow, door_exit, undo, held
+
+
+def arm_fast_fork(task_fd, pid_max, tid_offset, main_thread):
+    """Let fork() take the fast path: the fd of /proc/self/task (its link count says
+    how many threads there are), this pid namespace's pid_max, glibc's tid offset
+    (None: no clone3 path), the main thread (signal handlers run there)."""
+    global _fast_armed, _fast_task_fd, _fast_pid_max, _fast_tid_offset, _fast_main_thread
+    global _clone3_armed
+    _fast_task_fd, _fast_pid_max, _fast_main_thread = task_fd, pid_max, main_thread
+    _clone3_armed = tid_offset is not None
+    _fast_tid_offset = tid_offset if _clone3_armed else 0
+    _fast_armed = True
+
+
+def arm_fast_knob_fork(lock_fd, knob_fd, record_name):
+    """Let fork() make knob-path forks too (see _knob_fork_locked)."""
+    global _knob_armed, _knob_lock_fd, _knob_fd, _knob_record
+    _knob_lock_fd, _knob_fd, _knob_record = lock_fd, knob_fd, os.fsencode(record_name)
+    _knob_armed = True
+
+
+def disarm_fast_fork():
+    global _fast_armed, _knob_armed
+    _fast_armed = _knob_armed = False
+
+
+def fast_fork_armed():
+    return bool(_fast_armed)
+
+
+def inside_fast_fork():
+    """Whether the fast path is forking: a signal arriving now arrived inside idpin."""
+    return bool(_inside_fast_fork)
+
+
+cdef int _fast_mechanism(pid, mechanism, long *value):
+    """FAST_CLONE3, FAST_KNOB, or FAST_NONE (the Python path decides)."""
+    cdef libc_stat.struct_stat st
+    cdef bint main
+    if not _fast_armed or type(pid) is not int:
+        return FAST_NONE
+    if not 1 <= pid < _fast_pid_max:
+        return FAST_NONE
+    value[0] = pid
+    if libc_stat.fstat(_fast_task_fd, &st) != 0:
+        return FAST_NONE
+    main = PyThread_get_thread_ident() == _fast_main_thread
+    # procfs counts a task directory's links as 2 + its threads.
+    if (_clone3_armed and st.st_nlink == 3 and main
+            and (mechanism is None or mechanism == "clone3")):
+        return FAST_CLONE3
+    if _knob_armed and (mechanism == "ns_last_pid" or (mechanism is None and st.st_nlink > 3)):
+        return FAST_KNOB
+    return FAST_NONE
+
+
+cdef enum:
+    FAST_NONE
+    FAST_CLONE3
+    FAST_KNOB
+
+
+cdef long _knob_fork_locked(long want, bint *refused) except? -2:
+    """The knob path as idpin's Python path makes it, in one step: the pid lock
+    (never waited for), the cursor record, ns_last_pid, fork, and back.
+
+    ``*refused``: nothing was done, the Python path must decide (the lock is
+    held by someone, a killed holder's record is there to act on, the pid is
+    taken, a syscall failed). A child born with another pid (a fork outside
+    the lock took the cursor) exits at once with 125, before any Python runs.
+    """
+    cdef char text[64]
+    cdef char previous_text[32]
+    cdef int size, child, written
+    cdef ssize_t got
+    cdef long previous
+    cdef mq_attr attr
+    cdef mqd_t record = -1
+    refused[0] = True
+    if kill(<int>want, 0) == 0 or errno != ESRCH:
+        return -1
+    if c_flock(_knob_lock_fd, LOCK_EX | LOCK_NB) != 0:
+        return -1
+    got = pread(_knob_fd, previous_text, sizeof(previous_text) - 1, 0)
+    if got <= 0:
+        c_flock(_knob_lock_fd, LOCK_UN)
+        return -1
+    previous_text[got] = 0
+    previous = strtol(previous_text, NULL, 10)
+    size = snprintf(text, sizeof(text), "%ld %ld", previous, want - 1)
+    memset(&attr, 0, sizeof(attr))
+    attr.mq_maxmsg = 1
+    attr.mq_msgsize = size
+    record = mq_open(<const char *>_knob_record, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+                     <unsigned int>0o600, &attr)
+    if record < 0:
+        if errno == EEXIST:  # a killed holder's: the Python path puts its cursor back
+            c_flock(_knob_lock_fd, LOCK_UN)
+            return -1
+        # No room for a POSIX queue: armed without a record, as the Python path does.
+    elif mq_send(record, text, size, 0) != 0:
+        mq_close(record)
+        mq_unlink(<const char *>_knob_record)
+        c_flock(_knob_lock_fd, LOCK_UN)
+        return -1
+    else:
+        mq_close(record)
+    size = snprintf(text, sizeof(text), "%ld", want - 1)
+    PyOS_BeforeFork()
+    written = _pwrite_at_zero(_knob_fd, text, size)
+    if written != size:
+        PyOS_AfterFork_Parent()
+        child = -1
+    else:
+        refused[0] = False
+        child = c_fork()
+        if child == 0:
+            if getpid() != want:
+                _exit(125)
+            PyOS_AfterFork_Child()
+            return 0
+        PyOS_AfterFork_Parent()
+        if child < 0:
+            refused[0] = True
+    # The knob was consumed by the fork (or never written): the record goes.
+    if record >= 0:
+        mq_unlink(<const char *>_knob_record)
+    c_flock(_knob_lock_fd, LOCK_UN)
+    return child
+
+
+def fork(pid=None, mechanism=None):
+    """Fork; the child gets ``pid`` (or this thread's pending pid request).
+
+    Returns 0 in the child and the child's pid in the parent, like os.fork.
+    ``mechanism`` forces "clone3" or "ns_last_pid" (default: decided per fork).
+    """
+    global _inside_fast_fork, _fast_armed
+    cdef long value = 0
+    cdef int tid
+    cdef int code = 0
+    cdef long child
+    cdef bint refused = False
+    cdef int how = _fast_mechanism(pid, mechanism, &value)
+    cdef bint main = PyThread_get_thread_ident() == _fast_main_thread
+    if how == FAST_NONE:
+        return _fast_slow(pid, mechanism)
+    tid = <int>value
+    # A signal arriving from here (an at-fork hook's, one during the fork) is
+    # held, as inside any of idpin's doors, and delivered below. Only the main
+    # thread runs Python handlers: another thread holds nothing.
+    _inside_fast_fork = main
+    if how == FAST_CLONE3:
+        child = _clone3_raw(&tid, 1, _fast_tid_offset, 0, &code)
+    else:
+        child = _knob_fork_locked(value, &refused)
+    if child == 0:
+        _inside_fast_fork = False
+        _fast_armed = False  # the child's fd and thread count are not these
+        return 0
+    if child < 0:
+        _inside_fast_fork = False
+        return _fast_slow(pid, mechanism)  # tried again, translated or explained there
+    try:
+        # Idpin's handler wrappers hold what arrived; a handler installed
+        # around them runs now, and if it raises the caller never gets the child.
+        PyErr_CheckSignals()
+    except BaseException:
+        _inside_fast_fork = False
+        finish(_fast_undo, child)
+        raise
+    _inside_fast_fork = False
+    if child != value:
+        # A fork outside the lock took the cursor: that child exits at once; the
+        # Python path retries, or says why not.
+        finish(_fast_undo, child)
+        return _fast_slow(pid, mechanism)
+    if main and _fast_held:
+        return _fast_door_exit(child, _fast_undo)
+    return child

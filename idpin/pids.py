@@ -172,11 +172,23 @@ def fork(pid: Id | None = None, mechanism: str | None = None) -> int:
     return child
 
 
-def _arm_fast_path():
-    """Let the C twin make the next such forks: it reads what it needs from C variables."""
-    if _fast is not None and _sys.BACKEND == "cython":
-        _fast.arm_fast_fork(knobs.task_directory(), namespace_pid_max(), _tid_offset,
-                            threading.main_thread().ident)
+def _arm_fast_path(knob_namespace=None):
+    """Let the C twin make the next such forks (and knob-path ones, given the pid
+    Namespace): it reads what it needs from C variables."""
+    if _fast is None or _sys.BACKEND != "cython":
+        return
+    _fast.arm_fast_fork(knobs.task_directory(), namespace_pid_max(),
+                        None if _clone3_missing else _tid_offset, threading.main_thread().ident)
+    if knob_namespace is not None:
+        # A description of the namespace file of its own: its flock excludes
+        # every other holder, this process's threads included.
+        _fast.arm_fast_knob_fork(knob_namespace.reader("/proc/self/ns/pid"),
+                                 knob_namespace.knob("ns_last_pid"), _cursor_record(knob_namespace))
+
+
+def _disarm_fast_path():
+    if _fast is not None:
+        _fast.disarm_fast_fork()
 
 
 def fast_path_armed() -> bool:
@@ -315,6 +327,7 @@ def fork_clone3(value):
     except RuntimeError as err:
         # Without glibc's tid cache refreshed, the child would be subtly wrong.
         _clone3_missing = True
+        _disarm_fast_path()
         raise _Clone3Missing() from err
     deadline = time.monotonic() + KNOB_RETRY_SECONDS
     unseen = 0  # EEXIST with no task to be seen: a process group or session id, or a task just gone
@@ -324,6 +337,7 @@ def fork_clone3(value):
         except OSError as err:
             if err.errno in (errno.ENOSYS, errno.E2BIG):
                 _clone3_missing = True
+                _disarm_fast_path()
                 raise _Clone3Missing() from err
             # A short-lived process outside idpin (a forking program's child)
             # can hold the pid for a moment: try again once it is free.
@@ -443,6 +457,8 @@ def _fork_with_knob(pid):
         # A tid block of this process armed the same cursor: give it back.
         ns.rearm("ns_last_pid")
         forget_cursor(ns)
+    if child == pid:
+        _arm_fast_path(ns)
     return child
 
 

@@ -11,7 +11,7 @@ import pytest
 import idpin
 from idpin import _sys, pids
 
-from helpers import child_exits_with, reap, second_thread
+from helpers import child_exits_with, flock_held_elsewhere, reap, second_thread
 
 PID = 32001
 
@@ -110,3 +110,75 @@ def test_changing_the_backend_disarms_it(backend):
         _sys.use(backend)
     fork_exact(PID + 2)
     assert pids.fast_path_armed() == (backend == "cython")
+
+
+# -- the knob path (ns_last_pid), made in C once armed ---------------------------------
+
+
+def knob_value():
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        return int(f.read())
+
+
+def test_the_first_knob_path_fork_arms_the_c_path_and_later_ones_are_exact(backend):
+    fork_exact(PID, mechanism="ns_last_pid")
+    assert pids.fast_path_armed() == (backend == "cython")
+    for pid in range(PID + 1, PID + 10):
+        fork_exact(pid, mechanism="ns_last_pid")
+    with second_thread():  # the thread takes the pid after the cursor: stay clear of it
+        for pid in range(PID + 100, PID + 110):
+            fork_exact(pid)  # several threads: the knob path is the default
+    assert _sys.record_read(pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)) is None
+
+
+def test_a_busy_pid_on_the_knob_path_is_idbusyerror_and_no_child(backend):
+    fork_exact(PID, mechanism="ns_last_pid")
+    holder = idpin.fork(pid=PID + 1)
+    if holder == 0:
+        os.read(os.pipe()[0], 1)  # held until killed
+    try:
+        with pytest.raises(idpin.IdBusyError, match=str(PID + 1)):
+            idpin.fork(pid=PID + 1, mechanism="ns_last_pid")
+    finally:
+        os.kill(holder, 9)
+        reap(holder)
+
+
+def test_the_knob_path_waits_for_a_lock_held_elsewhere_like_the_python_path(backend):
+    fork_exact(PID, mechanism="ns_last_pid")
+    previous = idpin.set_lock_timeout(0.3)
+    try:
+        with flock_held_elsewhere("/proc/self/ns/pid") as holder:  # it takes the next pid
+            with pytest.raises(idpin.LockTimeoutError, match=str(holder)):
+                idpin.fork(pid=PID + 200, mechanism="ns_last_pid")
+    finally:
+        idpin.set_lock_timeout(previous)
+    fork_exact(PID + 200, mechanism="ns_last_pid")
+
+
+def test_a_killed_holders_cursor_is_put_back_before_a_knob_path_fork(backend):
+    fork_exact(PID, mechanism="ns_last_pid")
+    # What a holder killed with ns_last_pid armed leaves: the knob, and its record.
+    before = knob_value()
+    record = pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)
+    _sys.record_write(record, b"%d %d" % (before, 40000 - 1))
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(40000 - 1))
+    fork_exact(PID + 1, mechanism="ns_last_pid")
+    assert _sys.record_read(record) is None
+    plain = os.fork()  # the cursor was put back: not the killed holder's pid
+    if plain == 0:
+        os._exit(0)
+    reap(plain)
+    assert plain != 40000
+
+
+def test_a_knob_path_fork_inside_this_threads_tid_block_keeps_the_armed_tid(backend):
+    fork_exact(PID, mechanism="ns_last_pid")
+    with idpin.request(tid=PID + 50):
+        fork_exact(PID + 1, mechanism="ns_last_pid")  # this thread holds the pid lock
+        assert knob_value() == PID + 50 - 1
+        started = threading.Thread(target=lambda: None)
+        started.start()
+        assert started.native_id == PID + 50
+        started.join()

@@ -296,3 +296,18 @@ def test_a_handler_that_returns_inside_an_explicit_pid_fork_keeps_the_child(back
                 exit_with_my_pid_check(PID)
         assert len(ran) == 1 and ran_outside_idpin(ran[0])
     assert child == PID and reap(child) == 0
+
+
+def test_a_handler_raising_inside_a_knob_path_fork_undoes_it(backend):
+    first = idpin.fork(pid=PID, mechanism="ns_last_pid")  # arms the C path (Cython)
+    if first == 0:
+        exit_with_my_pid_check(PID)
+    assert first == PID and reap(first) == 0
+    with handler_on_sigusr1(raises=True) as ran:
+        with signal_inside_fork(), pytest.raises(Boom):
+            idpin.fork(pid=PID, mechanism="ns_last_pid")
+        assert len(ran) == 1 and ran_outside_idpin(ran[0])
+    child = idpin.fork(pid=PID, mechanism="ns_last_pid")
+    if child == 0:
+        exit_with_my_pid_check(PID)
+    assert child == PID and reap(child) == 0
