@@ -635,7 +635,7 @@ def inherited_armed(kind):
 
 
 # Run first in a forked child, by modules that cache what it must not inherit.
-ON_CHILD = []
+ON_CHILD: list = []
 
 
 def _forget_all_in_child():

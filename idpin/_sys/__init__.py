@@ -11,6 +11,7 @@ missing extension an ImportError instead of a fallback. Without the variable
 the extension is used when it was built, else the twin.
 """
 import contextlib
+from collections.abc import Callable
 import importlib
 import os
 import signal
@@ -107,7 +108,7 @@ def _module_for(name):
 
 
 # Called whenever the backend changes, by modules that cached a path through the previous one.
-ON_USE = []
+ON_USE: list[Callable[[], object]] = []
 
 
 def use(name):

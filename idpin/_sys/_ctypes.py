@@ -11,8 +11,10 @@ import errno
 import fcntl
 import os
 import signal
+import threading
 
 from . import _abi
+from ._glibc import pthread_self as _pthread_self
 
 BACKEND = "ctypes"
 
@@ -91,6 +93,29 @@ def _get_robust_list():
     return head, size
 
 
+class _ForkScratch(threading.local):
+    """What one clone3 fork passes the kernel, built once per thread and reused:
+    every object a fork cycle makes or touches costs the parent a page fault
+    once the fork has write-protected its memory."""
+
+    def __init__(self):
+        self.args = _CloneArgs()
+        self.tids = (ctypes.c_int * _abi.MAX_PID_NS_LEVEL)()
+        self.args.set_tid = ctypes.addressof(self.tids)
+        self.args_ref = ctypes.byref(self.args)
+        self.head = ctypes.c_void_p()
+        self.size = ctypes.c_size_t()
+        self.robust_refs = (ctypes.byref(self.head), ctypes.byref(self.size))
+
+
+_scratch = _ForkScratch()
+_NR_CLONE3 = ctypes.c_long(_abi.SYS_clone3)
+_NR_GET_ROBUST_LIST = ctypes.c_long(_abi.SYS_get_robust_list)
+_NR_SET_ROBUST_LIST = ctypes.c_long(_abi.SYS_set_robust_list)
+_CURRENT_THREAD = ctypes.c_long(0)
+_CLONE_ARGS_SIZE = ctypes.c_size_t(ctypes.sizeof(_CloneArgs))
+
+
 def clone3_fork(set_tid, tid_offset):
     """Fork with clone3(set_tid) following CPython's own fork protocol.
 
@@ -112,22 +137,30 @@ def clone3_sibling(set_tid, tid_offset):
 
 
 def _clone3_fork(set_tid, tid_offset, extra_flags):
-    from ._glibc import pthread_self
-
-    tid_cache = pthread_self() + tid_offset
-    args, tids = _clone_args(
-        set_tid, _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID | extra_flags, tid_cache
-    )
-    head, size = _get_robust_list()
+    scratch = _scratch
+    args = scratch.args
+    n = len(set_tid)
+    if not 1 <= n <= _abi.MAX_PID_NS_LEVEL:
+        raise ValueError("set_tid needs 1 to %d pids (one per pid namespace level), got %d"
+                         % (_abi.MAX_PID_NS_LEVEL, n))
+    scratch.tids[:n] = set_tid
+    flags = _abi.CLONE_CHILD_SETTID | _abi.CLONE_CHILD_CLEARTID | extra_flags
+    args.flags = flags
+    args.child_tid = _pthread_self() + tid_offset
+    # clone3 refuses an exit signal with CLONE_PARENT (EINVAL): the child
+    # then takes the caller's own, which is SIGCHLD for a forked caller.
+    args.exit_signal = 0 if flags & _abi.CLONE_PARENT else signal.SIGCHLD
+    args.set_tid_size = n
+    if _raw_syscall(_NR_GET_ROBUST_LIST, _CURRENT_THREAD, *scratch.robust_refs) != 0:
+        raise _oserror("get_robust_list")
     # Python code runs between these C calls here: a signal handler raising
     # there would skip PyOS_AfterFork_* and leave the import lock held.
     previous = _block_signals()
     _api.PyOS_BeforeFork()
-    pid = _fork_syscall(ctypes.c_long(_abi.SYS_clone3), ctypes.byref(args),
-                        ctypes.c_size_t(ctypes.sizeof(args)))
+    pid = _fork_syscall(_NR_CLONE3, scratch.args_ref, _CLONE_ARGS_SIZE)
     if pid == 0:
         # The kernel dropped the robust futex registration in the child.
-        _fork_syscall(ctypes.c_long(_abi.SYS_set_robust_list), head, size)
+        _fork_syscall(_NR_SET_ROBUST_LIST, scratch.head, scratch.size)
         _api.PyOS_AfterFork_Child()
         _restore_signals(previous)
         return 0
@@ -136,7 +169,6 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
     _restore_signals(previous)
     if pid < 0:
         raise OSError(code, "clone3(set_tid=%s): %s" % (list(set_tid), os.strerror(code)))
-    del tids
     return pid
 
 

@@ -49,3 +49,29 @@ def load(shared):
         return done, wrong.value
 
     return pinned_create_loop
+
+
+class BlockFds(ctypes.Structure):
+    """floor.c's struct block_fds."""
+    _fields_ = [("pid_lock", ctypes.c_int), ("ipc_lock", ctypes.c_int),
+                ("knobs", ctypes.c_int * 3), ("census", ctypes.c_int),
+                ("cursor", ctypes.c_int), ("tasks", ctypes.c_int)]
+
+
+def load_checked(shared):
+    """The C loop of a request block's syscalls, as a Python function: (created, wrong)."""
+    loop = ctypes.CDLL(shared).checked_create_loop
+    loop.restype = ctypes.c_long
+    loop.argtypes = [ctypes.POINTER(BlockFds), ctypes.c_char_p, ctypes.c_char_p] + \
+        [ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int)]
+
+    def checked_create_loop(fds, cursor_record, consuming_record, kind, first_id, count, size,
+                            index_bits):
+        wrong = ctypes.c_int(0)
+        done = loop(ctypes.byref(fds), os.fsencode(cursor_record), os.fsencode(consuming_record),
+                    kind, first_id, count, size, index_bits, ctypes.byref(wrong))
+        if done < 0:
+            raise OSError(-done, "block floor loop: %s" % os.strerror(-done))
+        return done, wrong.value
+
+    return checked_create_loop

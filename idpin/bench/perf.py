@@ -24,6 +24,7 @@ machine drifts, and pairing cancels the drift.
 right and nothing was left behind.
 """
 import collections
+import ctypes
 import fcntl
 import os
 import shutil
@@ -31,7 +32,7 @@ import time
 
 import idpin
 
-from .. import _sys, ipc, testing
+from .. import _sys, ipc, pids, testing
 from .. import pty as idpin_pty
 from ..interpose import ORIGINALS
 from . import floor
@@ -201,7 +202,7 @@ def sysv_first_id():
 class RequestBlock:
     """What users write: a request block around the routed creation, then remove."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, shared=None):
         self.kind = kind
         self.create = SysV.CREATE[kind]
         self.size = SysV.SIZE[kind]
@@ -251,7 +252,7 @@ class _OwnFds:
 class BackendCalls(_OwnFds):
     """The C floor's sequence made from Python through idpin._sys, nothing else."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, shared=None):
         super().__init__(kind)
         self.code = _sys.IPC_KIND_CODES[kind]
         self.size = SysV.SIZE[kind]
@@ -288,12 +289,50 @@ class CLoop(_OwnFds):
         return seconds, wrong
 
 
+class CheckedCLoop:
+    """floor.c's other loop: the syscalls of idpin's request block (and the
+    removal) in C, as strace shows idpin making them: the floor of its design."""
+
+    def __init__(self, kind, shared):
+        self.loop = floor.load_checked(shared)
+        self.code = _sys.IPC_KIND_CODES[kind]
+        self.size = SysV.SIZE[kind]
+        opened = []
+
+        def keep(path, flags=os.O_RDONLY):
+            opened.append(os.open(path, flags | os.O_CLOEXEC))
+            return opened[-1]
+
+        self.fds = floor.BlockFds(
+            pid_lock=keep("/proc/self/ns/pid"), ipc_lock=keep("/proc/self/ns/ipc"),
+            knobs=(ctypes.c_int * 3)(*(keep("/proc/sys/kernel/%s_next_id" % k, os.O_RDWR)
+                                       for k in ipc.KINDS)),
+            census=keep("/proc/sysvipc/" + kind), cursor=keep("/proc/sys/kernel/ns_last_pid"),
+            tasks=keep("/proc/self/task"))
+        self.opened = opened
+        self.cursor_record = pids.cursor_record_name(os.stat("/proc/self/ns/pid").st_ino)
+
+    def run(self, first, count):
+        began = time.perf_counter()
+        _, wrong = self.loop(self.fds, self.cursor_record, ipc.CONSUMING_RECORD, self.code, first,
+                             count, self.size, ipc.ipc_shift())
+        seconds = time.perf_counter() - began
+        if wrong:
+            raise RuntimeError("the C loop of a block's syscalls got %d wrong ids of %d"
+                               % (wrong, count))
+        return seconds, wrong
+
+    def close(self):
+        for fd in self.opened:
+            os.close(fd)
+
+
 SYSV_SUBJECTS = {"request block": RequestBlock, "ipc.create_pinned": CreatePinned,
-                 "_sys calls": BackendCalls}
+                 "_sys calls": BackendCalls, "block's syscalls in C": CheckedCLoop}
 
 
 def measure_sysv(kind, subjects, rounds, per_round, shared):
-    loops = {name: SYSV_SUBJECTS[name](kind) for name in subjects}
+    loops = {name: SYSV_SUBJECTS[name](kind, shared) for name in subjects}
     loops[SYSV_FLOOR] = CLoop(kind, shared)
     rates = {name: [] for name in loops}
     wrong = collections.Counter()
@@ -578,6 +617,10 @@ sysv <kind>: 'request block' is `with idpin.request(sem=N): idpin.ipc.semget()`
   then idpin.ipc.remove; 'ipc.create_pinned' is that call alone; '_sys calls'
   is flock, _sys.ipc_create_pinned (pwrite + create), unlock and remove from
   Python. The floor is the same syscalls in a C loop (floor.c), one call.
+  'block's syscalls in C' is every syscall idpin's request block makes (21,
+  as strace shows them: namespace check, both locks and their dead-holder
+  checks, busy checks, census and cursor, arming, creation, exit check,
+  unlocks, removal) in a C loop: the floor of idpin's design.
 batch: idpin.ipc.create_many of sem, shm and msg objects vs creating the
   same objects unpinned with the backend's bare call (_sys.ipc_get).
   '_sys calls' is create_many's syscalls from Python (lock once; per object
