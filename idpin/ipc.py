@@ -762,6 +762,8 @@ shm, ignored for msg) and permission bits."""
 
 
 def _as_spec(item, position):
+    if type(item) is Spec and _plain_spec(*item):
+        return item  # the common case, checked in one expression
     try:
         if isinstance(item, Spec):
             spec = item
@@ -791,10 +793,19 @@ def _as_spec(item, position):
     return spec
 
 
+def _plain_spec(kind, id, key, size, mode):
+    """Whether a Spec's fields are plain ints in range (what _as_spec checks at length)."""
+    return (kind in _ARG_RANGES and type(id) is int and 0 <= id <= INT_MAX
+            and type(key) is int and _KEY_RANGE[0] <= key <= _KEY_RANGE[1]
+            and type(mode) is int and 0 <= mode <= 0o777
+            and (kind == "msg" or (type(size) is int and 0 <= size <= _ARG_RANGES[kind][2])))
+
+
 def _check_distinct(specs):
     seen = {}
+    mask = (1 << ipc_shift()) - 1
     for spec in specs:
-        slot = (spec.kind, index_of(spec.id))
+        slot = (spec.kind, spec.id & mask)
         if slot in seen:
             raise RequestError(
                 "%s ids %d and %d share index %d: only one can exist"
@@ -841,8 +852,7 @@ def create_many(specs: Iterable["Spec | tuple[Any, ...] | dict[str, Any]"]) -> l
     try:
         with ns.held(), ns.alloc:
             _create_all(ns, specs, calls, outcome)
-            for spec in specs:
-                ns.note(spec.kind, spec.id)
+            ns.note_many((spec.kind, spec.id) for spec in specs)
             for kind in {spec.kind for spec in specs}:
                 restore_knob(kind, ns)  # a block of this thread may have armed it
         _last_batch.made = [(spec.kind, spec.id) for spec in specs]

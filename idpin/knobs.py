@@ -432,6 +432,12 @@ class Namespace:
         for watcher in self._watchers.get(kind, ()):
             watcher.made.add(id)
 
+    def note_many(self, made):
+        """Routed allocations got these (kind, id): nothing to do unless a block watches."""
+        if any(self._watchers.values()):
+            for kind, id in made:
+                self.note(kind, id)
+
     def forget_in_child(self):
         self.lock.forget_in_child()
         for fd in list(self._knobs.values()) + list(self._readers.values()):

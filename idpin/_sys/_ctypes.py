@@ -106,6 +106,7 @@ class _ForkScratch(threading.local):
         self.head = ctypes.c_void_p()
         self.size = ctypes.c_size_t()
         self.robust_refs = (ctypes.byref(self.head), ctypes.byref(self.size))
+        self.previous_mask = ctypes.create_string_buffer(_SIGSET_BYTES)
 
 
 _scratch = _ForkScratch()
@@ -155,7 +156,8 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
         raise _oserror("get_robust_list")
     # Python code runs between these C calls here: a signal handler raising
     # there would skip PyOS_AfterFork_* and leave the import lock held.
-    previous = _block_signals()
+    previous = scratch.previous_mask
+    _sigmask(signal.SIG_BLOCK, _FULL_SIGSET, previous)
     _api.PyOS_BeforeFork()
     pid = _fork_syscall(_NR_CLONE3, scratch.args_ref, _CLONE_ARGS_SIZE)
     if pid == 0:
