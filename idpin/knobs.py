@@ -89,6 +89,8 @@ _held = set()
 
 
 def any_held():
+    if _forked:
+        settle_after_fork()
     return bool(_held)
 
 
@@ -125,7 +127,7 @@ class NamespaceLock:
             self._idle.append(self._open())
 
     def _open(self):
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _tracked(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
         self._fds.add(fd)
         return fd
 
@@ -133,9 +135,13 @@ class NamespaceLock:
         return "%s lock (%s, inode %d)" % (self.label, self.path, self.inode)
 
     def held_by_this_thread(self):
+        if _forked:
+            settle_after_fork()
         return bool(getattr(self._local, "depth", 0))
 
     def acquire(self, timeout=None):
+        if _forked:
+            settle_after_fork()
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth:
@@ -200,7 +206,7 @@ class NamespaceLock:
                 self._idle.append(fd)
         elif fd in self._fds:
             self._fds -= {fd}  # forgotten before closed: the number may be reused at once
-            os.close(fd)
+            _close_tracked(fd)
 
     def release(self):
         """Release one hold of this thread.
@@ -209,6 +215,8 @@ class NamespaceLock:
         it again finishes what the first call began, and never releases a
         second hold.
         """
+        if _forked:
+            settle_after_fork()
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth > 1:
@@ -229,16 +237,11 @@ class NamespaceLock:
         return _Held(self)
 
     def forget_in_child(self):
-        # The child holds copies of the parent's descriptions: closing them
-        # drops a reference; LOCK_UN would release the parent's lock.
-        fds, self._fds = self._fds, set()
+        # Its descriptions were the parent's: the child closed them at the
+        # fork (LOCK_UN would have released the parent's lock).
+        self._fds = set()
         self._idle = []
         self._local = threading.local()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class _Held:
@@ -318,6 +321,8 @@ _alloc_mutexes = {}
 
 
 def allocating(label):
+    if _forked:
+        settle_after_fork()
     mutex = _alloc_mutexes.get(label)
     if mutex is None:
         mutex = _alloc_mutexes.setdefault(label, threading.RLock())
@@ -327,6 +332,8 @@ def allocating(label):
 def any_armed():
     """Whether a block of this process has a knob armed, or the parent had when
     this process was forked: the only times an unpinned allocation must look."""
+    if _forked:
+        settle_after_fork()
     return bool(_inherited_armed) or any(ns.armed for ns in list(_namespaces.values()))
 
 
@@ -366,9 +373,11 @@ class Namespace:
 
     def knob(self, name):
         """The fd of /proc/sys/kernel/<name>, opened once per namespace."""
+        if _forked:
+            settle_after_fork()
         fd = self._knobs.get(name)
         if fd is None:
-            fd = open_knob(name)
+            fd = _tracked(open_knob(name))
             self._knobs[name] = fd
         return fd
 
@@ -378,14 +387,18 @@ class Namespace:
         Read with _sys.proc_read or _sys.knob_read: each read is a fresh
         snapshot, without the path walk of another open().
         """
+        if _forked:
+            settle_after_fork()
         fd = self._readers.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _tracked(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             self._readers[path] = fd
         return fd
 
     def rearm(self, name):
         """Write back the value a block armed, after an allocation moved the knob."""
+        if _forked:
+            settle_after_fork()
         value = self.armed.get(name)
         if value is not None:
             write_knob(self.knob(name), name, value)
@@ -440,12 +453,7 @@ class Namespace:
 
     def forget_in_child(self):
         self.lock.forget_in_child()
-        for fd in list(self._knobs.values()) + list(self._readers.values()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._knobs = {}
+        self._knobs = {}  # closed at the fork, with every fd idpin keeps
         self._readers = {}
 
 
@@ -520,6 +528,8 @@ def namespace_lock(kind):
     namespace change is seen by reading the namespace link again, half the
     cost of the stat a first lookup makes.
     """
+    if _forked:
+        settle_after_fork()
     current = _current.get(kind)
     if kind == "pid" and current is not None:
         return current[1]
@@ -546,9 +556,12 @@ _current = {}
 def task_directory():
     """An fd of this process's /proc/self/task, opened once per process: its link
     count says how many threads the process has (fstat, no path walk)."""
+    if _forked:
+        settle_after_fork()
     fd = _current.get("task fd")
     if fd is None:
-        fd = _current["task fd"] = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = _current["task fd"] = _tracked(
+            os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     return fd
 
 
@@ -556,6 +569,8 @@ def own_pid_namespace():
     """The inode of this process's own pid namespace, or None if /proc cannot say.
 
     Read once per process: unshare and setns change only the children's."""
+    if _forked:
+        settle_after_fork()
     inode = _current.get("pid inode")
     if inode is None:
         try:
@@ -575,6 +590,8 @@ def existing_namespace_lock(kind):
 
     Free for a process that never made a request (no lookup at all).
     """
+    if _forked:
+        settle_after_fork()
     if not _namespaces:
         return None
     current = _current.get(kind)
@@ -588,6 +605,8 @@ def existing_namespace_lock(kind):
 
 
 def _namespace_for(path, label, before_kind, keep_open=True):
+    if _forked:
+        settle_after_fork()
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -615,6 +634,8 @@ def _namespace_for(path, label, before_kind, keep_open=True):
 
 def cached_fds():
     """fds idpin keeps open on purpose: pooled lock descriptions and knobs per namespace."""
+    if _forked:
+        settle_after_fork()
     fds = {_current["task fd"]} if "task fd" in _current else set()
     for namespace in list(_namespaces.values()):
         if namespace.lock._keep_open:
@@ -631,6 +652,8 @@ _inherited_armed = {}
 
 def inherited_armed(kind):
     """{knob: value} armed in this namespace by the process this one forked from."""
+    if _forked:
+        settle_after_fork()
     if not _inherited_armed:
         return {}
     try:
@@ -643,12 +666,52 @@ def inherited_armed(kind):
 # Run first in a forked child, by modules that cache what it must not inherit.
 ON_CHILD: list = []
 
+# Every fd idpin keeps open (lock descriptions, knobs, readers, the task
+# directory): a forked child closes them all at once.
+_tracked_fds: set = set()
+
+
+def _tracked(fd):
+    _tracked_fds.add(fd)
+    return fd
+
+
+def _close_tracked(fd):
+    _tracked_fds.discard(fd)  # forgotten before closed: the number may be reused at once
+    os.close(fd)
+
+
+# A forked child does the least at the fork itself, because every page it
+# writes then costs a copy (and its parent waits for it, typically): it
+# closes the fds and marks the rest to be forgotten at its first use of
+# idpin's locks (settle_after_fork), which most children (an exec, an exit)
+# never make.
+_forked = False
+
 
 def _forget_all_in_child():
-    global _generation, _registry_lock
+    global _generation, _forked
     for forget in ON_CHILD:
         forget()
     _generation += 1
+    _forked = True
+    # The parent's descriptions: closing drops a reference (a lock held in
+    # them is the parent's to release, and must not outlive it because of
+    # this child); LOCK_UN would release the parent's lock.
+    for fd in _tracked_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _tracked_fds.clear()
+
+
+def settle_after_fork():
+    """In a forked child, at its first use of idpin's locks: forget the parent's."""
+    global _forked, _registry_lock
+    if not _forked:
+        return
+    _forked = False
     _registry_lock = threading.Lock()
     # Another thread of the parent may have held one at the fork.
     _alloc_mutexes.clear()
@@ -658,12 +721,6 @@ def _forget_all_in_child():
             _inherited_armed[key[:3]] = dict(namespace.armed)
         namespace.forget_in_child()
     _namespaces.clear()
-    task_fd = _current.get("task fd")
-    if task_fd is not None:
-        try:
-            os.close(task_fd)  # the parent's task directory
-        except OSError:
-            pass
     _current.clear()
     _held.clear()
 

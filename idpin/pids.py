@@ -196,12 +196,15 @@ def fast_path_armed() -> bool:
     return _fast is not None and _fast.fast_fork_armed()
 
 
+# The Python path of idpin.fork (with the Cython backend, idpin.fork is its C twin).
+python_fork = fork
+
 try:
     from ._sys import _cython as _fast
 except ImportError:
     _fast = None
 else:
-    _fast.set_fork_paths(fork, signals.c_door_exit, undo_fork, signals.held)
+    _fast.set_fork_paths(python_fork, signals.c_door_exit, undo_fork, signals.held)
     signals.inside_c_door = _fast.inside_fast_fork
     # A forked child's task directory and thread count are not its parent's;
     # another backend makes its own forks.
