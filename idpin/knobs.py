@@ -377,8 +377,7 @@ class Namespace:
             settle_after_fork()
         fd = self._knobs.get(name)
         if fd is None:
-            fd = _tracked(open_knob(name))
-            self._knobs[name] = fd
+            fd = _kept(self._knobs, name, open_knob(name))
         return fd
 
     def reader(self, path):
@@ -391,8 +390,7 @@ class Namespace:
             settle_after_fork()
         fd = self._readers.get(path)
         if fd is None:
-            fd = _tracked(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            self._readers[path] = fd
+            fd = _kept(self._readers, path, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
         return fd
 
     def rearm(self, name):
@@ -560,8 +558,8 @@ def task_directory():
         settle_after_fork()
     fd = _current.get("task fd")
     if fd is None:
-        fd = _current["task fd"] = _tracked(
-            os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        fd = _kept(_current, "task fd",
+                   os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     return fd
 
 
@@ -676,6 +674,16 @@ def _tracked(fd):
     return fd
 
 
+def _kept(cache, key, fd):
+    """Keep ``fd`` as ``cache[key]``, unless another thread kept one first: then that one."""
+    kept = cache.setdefault(key, fd)
+    if kept != fd:
+        os.close(fd)
+    else:
+        _tracked(fd)
+    return kept
+
+
 def _close_tracked(fd):
     _tracked_fds.discard(fd)  # forgotten before closed: the number may be reused at once
     os.close(fd)
@@ -687,13 +695,15 @@ def _close_tracked(fd):
 # idpin's locks (settle_after_fork), which most children (an exec, an exit)
 # never make.
 _forked = False
+_settling = threading.RLock()
 
 
 def _forget_all_in_child():
-    global _generation, _forked
+    global _generation, _forked, _settling
     for forget in ON_CHILD:
         forget()
     _generation += 1
+    _settling = threading.RLock()  # a parent thread may have held it at the fork
     _forked = True
     # The parent's descriptions: closing drops a reference (a lock held in
     # them is the parent's to release, and must not outlive it because of
@@ -708,10 +718,15 @@ def _forget_all_in_child():
 
 def settle_after_fork():
     """In a forked child, at its first use of idpin's locks: forget the parent's."""
-    global _forked, _registry_lock
-    if not _forked:
-        return
-    _forked = False
+    global _forked
+    with _settling:  # the child's threads may all arrive here; one forgets
+        if _forked:
+            _forget_parents_state()
+            _forked = False  # only once forgotten: no thread goes on with the parent's
+
+
+def _forget_parents_state():
+    global _registry_lock
     _registry_lock = threading.Lock()
     # Another thread of the parent may have held one at the fork.
     _alloc_mutexes.clear()

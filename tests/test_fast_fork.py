@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import idpin
-from idpin import _sys, pids
+from idpin import _sys, knobs, pids
 
 from helpers import child_exits_with, flock_held_elsewhere, reap, second_thread
 
@@ -182,3 +182,51 @@ def test_a_knob_path_fork_inside_this_threads_tid_block_keeps_the_armed_tid(back
         started.start()
         assert started.native_id == PID + 50
         started.join()
+
+
+# -- what a forked child keeps of its parent's idpin state -------------------------------
+
+
+def test_a_child_never_keeps_its_parents_lock_alive_after_the_parent_is_killed(backend):
+    ready_read, ready_write = os.pipe()
+    holder = os.fork()
+    if holder == 0:
+        with idpin.request(tid=PID + 300):  # holds the pid namespace's lock
+            bystander = os.fork()  # a child that never uses idpin again
+            if bystander == 0:
+                os.read(os.pipe()[0], 1)  # until killed
+            os.write(ready_write, b"%d" % bystander)
+            os.read(os.pipe()[0], 1)  # killed here, lock held
+    bystander = int(os.read(ready_read, 16))
+    os.kill(holder, 9)
+    reap(holder)
+    previous = idpin.set_lock_timeout(2)
+    try:
+        with idpin.request(tid=PID + 301):  # the lock died with its holder
+            pass
+    finally:
+        idpin.set_lock_timeout(previous)
+        os.kill(bystander, 9)
+        os.close(ready_read)
+        os.close(ready_write)
+    # The bystander was the holder's child: it is this process's now (pid 1), to reap.
+    reap(bystander)
+
+
+def test_a_child_forgets_its_parents_state_at_its_first_use_and_keeps_no_fd(backend):
+    fork_exact(PID)  # the parent has namespaces, knobs and fds cached
+    with idpin.request(sem=(1 << 15) | 7):
+        pass
+    inherited = sorted(knobs.cached_fds())
+    child = os.fork()
+    if child == 0:
+        def check():
+            # Closed at the fork: none of the parent's cached fds is open here.
+            if any(os.path.exists("/proc/self/fd/%d" % fd) for fd in inherited):
+                return False
+            fork_exact(PID + 1)  # and its own use of idpin works from scratch
+            with idpin.request(sem=(1 << 15) | 8):
+                pass
+            return True
+        child_exits_with(check)
+    assert reap(child) == 0
