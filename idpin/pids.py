@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from . import _sys, knobs, signals
 from .errors import NEEDS_NAMESPACE_HINT, Id, IdBusyError, IdpinError, RequestError, UnsupportedError
@@ -211,7 +212,8 @@ else:
     knobs.ON_CHILD.append(_fast.disarm_fast_fork)
     _sys.ON_USE.append(_fast.disarm_fast_fork)
     _fast.fork.__doc__ = fork.__doc__
-    fork = _fast.fork  # noqa: F811 - the public idpin.fork
+    if not TYPE_CHECKING:  # type checkers keep the Python path's signature: the same
+        fork = _fast.fork  # noqa: F811 - the public idpin.fork
 
 
 def plain_fork():
