@@ -1,0 +1,100 @@
+"""Adversarial review of issue 9's fast paths (idpin.fork in C, lazy forgetting,
+cached namespaces, create_many in one call): each test is a way found to make a
+fast path decide differently from the Python path, and what it must do instead."""
+import os
+import threading
+
+import pytest
+
+import idpin
+from idpin import _sys, pids
+
+from helpers import child_exits_with, reap, second_thread
+
+PID = 31001
+
+
+def fork_exact(pid, **options):
+    child = idpin.fork(pid=pid, **options)
+    if child == 0:
+        child_exits_with(lambda: os.getpid() == pid == threading.get_native_id())
+    assert child == pid
+    assert reap(child) == 0
+
+
+# -- children born in another pid namespace (unshare(CLONE_NEWPID) after arming) ---------
+
+
+def test_an_armed_knob_path_refuses_when_children_go_to_a_new_pid_namespace(backend):
+    # The C knob path used to write this namespace's ns_last_pid and fork into
+    # the new one: the parent saw the pid asked for (the child's outer pid)
+    # and returned it, while the child, whose own pid differed, exited 125
+    # before running anything. The Python path refuses.
+    fork_exact(PID, mechanism="ns_last_pid")
+    _sys.unshare(_sys.CLONE_NEWPID)
+    with pytest.raises(idpin.UnsupportedError, match="unshare"):
+        idpin.fork(pid=PID + 1, mechanism="ns_last_pid")
+
+
+def test_an_armed_knob_path_refuses_a_new_pid_namespace_with_threads_too(backend):
+    with second_thread():  # started before the unshare: no thread can be made after it
+        fork_exact(PID)  # several threads: the knob path, armed
+        _sys.unshare(_sys.CLONE_NEWPID)
+        with pytest.raises(idpin.UnsupportedError, match="unshare"):
+            idpin.fork(pid=PID + 1)
+
+
+def test_an_armed_clone3_path_gives_the_new_namespaces_init_as_the_python_path_does(backend):
+    # The C path took the parent's view of the child (its outer pid) for a
+    # wrong pid: it killed the new namespace's init (so the namespace could
+    # never have another process) and the retry failed with a raw ENOMEM.
+    fork_exact(PID)
+    _sys.unshare(_sys.CLONE_NEWPID)
+    init = idpin.fork(pid=1)
+    if init == 0:
+        os._exit(0 if os.getpid() == 1 else 1)
+    assert init > 1  # its pid here: set_tid pins the innermost level only
+    assert reap(init) == 0
+
+
+# -- threads of one process on the knob path at once -------------------------------------
+
+
+def test_a_thread_never_takes_or_drops_the_lock_another_thread_holds_on_the_c_knob_path(backend):
+    # An at-fork hook can let the GIL go while a thread holds the pid lock in
+    # the C knob path. Another thread's C knob path used to flock the same
+    # description (a no-op: it is the same lock), find the first thread's
+    # cursor record, and unlock it: a whole pinned fork then went through
+    # inside the first thread's locked section.
+    fork_exact(PID, mechanism="ns_last_pid")
+    first = threading.get_ident()
+    inside = {}
+    other_done = threading.Event()
+    outcome = {}
+
+    def other_fork():
+        try:
+            child = idpin.fork(pid=PID + 50, mechanism="ns_last_pid")
+            if child == 0:
+                os._exit(0)
+            outcome["child"] = child
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+        other_done.set()
+
+    def before_fork():
+        if threading.get_ident() == first and "done" not in inside:
+            inside["thread"] = threading.Thread(target=other_fork)
+            inside["thread"].start()
+            # The other thread must wait for this one's lock: it cannot finish now.
+            inside["done"] = other_done.wait(0.5)
+
+    os.register_at_fork(before=before_fork)  # this test's process only
+    child = idpin.fork(pid=PID + 10, mechanism="ns_last_pid")
+    if child == 0:
+        os._exit(0)
+    inside["thread"].join(10)
+    assert not inside["thread"].is_alive()
+    assert (child, outcome.get("error"), outcome.get("child")) == (PID + 10, None, PID + 50)
+    assert reap(child) == 0 and reap(PID + 50) == 0
+    assert inside["done"] is False
