@@ -1603,6 +1603,15 @@ def disarm_fast_fork():
     _fast_armed = _knob_armed = False
 
 
+def forget_fast_fork_in_child():
+    """In a forked child: its task fd and thread count are not its parent's, and a
+    fork made by another thread while the main thread was inside fork() (letting
+    the GIL go in an at-fork hook) must not leave the child holding every signal."""
+    global _inside_fast_fork
+    _inside_fast_fork = False
+    disarm_fast_fork()
+
+
 def fast_fork_armed():
     return bool(_fast_armed)
 
@@ -1752,7 +1761,10 @@ def fork(pid=None, mechanism=None):
     # A signal arriving from here (an at-fork hook's, one during the fork) is
     # held, as inside any of idpin's doors, and delivered below. Only the main
     # thread runs Python handlers: another thread holds nothing.
-    _inside_fast_fork = main
+    # Only the thread that set it clears it: another thread's fork (the GIL can
+    # be let go in an at-fork hook) must not end the main thread's hold.
+    if main:
+        _inside_fast_fork = True
     if how == FAST_CLONE3:
         child = _clone3_raw(&tid, 1, _fast_tid_offset, 0, &code)
     else:
@@ -1762,17 +1774,20 @@ def fork(pid=None, mechanism=None):
         _fast_armed = False  # the child's fd and thread count are not these
         return 0
     if child < 0:
-        _inside_fast_fork = False
+        if main:
+            _inside_fast_fork = False
         return _fast_slow(pid, mechanism)  # tried again, translated or explained there
     try:
         # Idpin's handler wrappers hold what arrived; a handler installed
         # around them runs now, and if it raises the caller never gets the child.
         PyErr_CheckSignals()
     except BaseException:
-        _inside_fast_fork = False
+        if main:
+            _inside_fast_fork = False
         finish(_fast_undo, child)
         raise
-    _inside_fast_fork = False
+    if main:
+        _inside_fast_fork = False
     if how == FAST_KNOB and child != value:
         # (clone3 set_tid gives that pid or fails; after unshare(CLONE_NEWPID) it is
         # the child's own namespace's, and the parent sees another.)

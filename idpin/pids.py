@@ -208,7 +208,7 @@ else:
     signals.inside_c_door = _fast.inside_fast_fork
     # A forked child's task directory and thread count are not its parent's;
     # another backend makes its own forks.
-    knobs.ON_CHILD.append(_fast.disarm_fast_fork)
+    knobs.ON_CHILD.append(_fast.forget_fast_fork_in_child)
     _sys.ON_USE.append(_fast.disarm_fast_fork)
     _fast.fork.__doc__ = fork.__doc__
     fork = _fast.fork  # noqa: F811 - the public idpin.fork

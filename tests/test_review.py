@@ -207,3 +207,47 @@ def test_a_storm_of_raising_signals_during_c_path_forks_hands_out_only_exact_chi
             break
     assert lost == [0] * len(lost)  # each ran as the pid it was forked for
     assert interrupted > 0 and len(got) > 0
+
+
+def test_a_child_forked_by_another_thread_during_a_c_knob_fork_runs_its_signal_handlers(backend):
+    # The main thread lets the GIL go in an at-fork hook inside the C knob
+    # path (logging's hook waits for its lock, for one); another thread forks
+    # then. Its child inherited "the main thread is inside idpin.fork" and
+    # held every signal for good: its handlers never ran.
+    import signal
+    import time
+
+    fork_exact(PID, mechanism="ns_last_pid")
+    main = threading.get_ident()
+    go = threading.Event()
+    forked = {}
+
+    def fork_from_another_thread():
+        go.wait(10)
+        child = os.fork()
+        if child == 0:
+            ran = []
+            signal.signal(signal.SIGUSR1, lambda signum, frame: ran.append(signum))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(200):
+                if ran:
+                    break
+                time.sleep(0.001)
+            os._exit(0 if ran else 1)
+        forked["child"] = child
+
+    other = threading.Thread(target=fork_from_another_thread)
+    other.start()
+
+    def before_fork():
+        if threading.get_ident() == main and not go.is_set():
+            go.set()
+            other.join(10)
+
+    os.register_at_fork(before=before_fork)
+    child = idpin.fork(pid=PID + 10, mechanism="ns_last_pid")
+    if child == 0:
+        os._exit(0)
+    other.join(10)
+    assert child == PID + 10 and reap(child) == 0
+    assert reap(forked["child"]) == 0
