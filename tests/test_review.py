@@ -251,3 +251,127 @@ def test_a_child_forked_by_another_thread_during_a_c_knob_fork_runs_its_signal_h
     other.join(10)
     assert child == PID + 10 and reap(child) == 0
     assert reap(forked["child"]) == 0
+
+
+# -- SysV IPC: create_many, the consuming record ------------------------------------------
+
+MSG = (3 << 15) | 101
+SEM = (5 << 15) | 202
+
+
+def write_limit(name, value):
+    with open("/proc/sys/kernel/" + name, "w") as f:  # this test's own IPC namespace
+        f.write(value)
+
+
+def read_limit(name):
+    with open("/proc/sys/kernel/" + name) as f:
+        return f.read().strip()
+
+
+def ids_present(kind):
+    with open("/proc/sysvipc/" + kind) as f:
+        return {int(line.split()[1]): int(line.split()[0]) for line in f.readlines()[1:]}
+
+
+def test_create_many_refuses_a_spec_whose_kind_is_unhashable_with_a_request_error(backend):
+    # Its one-expression check of plain Specs looked the kind up in a dict first.
+    from idpin import ipc
+
+    for kind in (["sem"], {"sem": 1}):
+        with pytest.raises(idpin.RequestError, match="kind"):
+            ipc.create_many([ipc.Spec("msg", MSG), ipc.Spec(kind, SEM)])
+    assert ids_present("msg") == {}
+
+
+def test_create_many_stopped_by_a_full_namespace_midway_leaves_nothing(backend):
+    from idpin import ipc
+
+    write_limit("msgmni", "2")
+    specs = [ipc.Spec("msg", MSG + n, key=0x5000 + n) for n in range(4)]
+    with pytest.raises(idpin.UnsupportedError, match="msgmni"):
+        ipc.create_many(specs)
+    assert ids_present("msg") == {} and read_limit("msgmni") == "2"
+    assert ipc.create_many(specs[:2]) == [MSG, MSG + 1]  # room for two: exact
+    for spec in specs[:2]:
+        ipc.remove("msg", spec.id)
+
+
+def test_create_many_beside_a_foreign_creator_never_hands_out_a_wrong_object(backend):
+    import signal
+
+    from idpin import ipc
+    from idpin.interpose import ORIGINALS
+
+    ready_read, ready_write = os.pipe()
+    foreign = ORIGINALS["os.fork"]()
+    if foreign == 0:  # creates and removes queues flat out, without idpin's lock
+        os.write(ready_write, b"r")
+        for _ in range(200000):
+            _sys.ipc_remove(ipc.CODE["msg"], _sys.ipc_get(ipc.CODE["msg"], 0, 0, 0o600))
+        os._exit(0)
+    os.read(ready_read, 1)
+    os.close(ready_read)
+    os.close(ready_write)
+    exact = busy = 0
+    try:
+        for round_ in range(60):
+            specs = [ipc.Spec("msg", (round_ << 15) | (200 + n), key=0x6000 + n) for n in range(5)]
+            try:
+                got = ipc.create_many(specs)
+            except idpin.IdBusyError:
+                busy += 1
+                continue
+            assert got == [spec.id for spec in specs]
+            present = ids_present("msg")
+            # Each id holds this batch's object (its key), not the foreign one's.
+            assert all(present.get(spec.id) == spec.key for spec in specs), present
+            for spec in specs:
+                ipc.remove("msg", spec.id)
+            exact += 1
+    finally:
+        os.kill(foreign, signal.SIGKILL)
+        reap(foreign)
+    for id in ids_present("msg"):
+        ipc.remove("msg", id)  # the foreign process's last queue, killed before removing it
+    assert exact > 0 and all(_knob_idle(kind) for kind in ("sem", "shm", "msg"))
+
+
+def _knob_idle(kind):
+    return read_limit(kind + "_next_id") == "-1"
+
+
+def test_a_holder_killed_at_random_while_consuming_a_knob_in_a_full_namespace_leaves_nothing(
+        backend):
+    import random
+    import signal
+    import time
+
+    from idpin import ipc, testing
+    from idpin.interpose import ORIGINALS
+
+    filler = ipc.msgget(0, 0o600)
+    write_limit("msgmni", "1")  # full: consuming a knob needs the limit raised for a moment
+    rnd = random.Random(7)
+    for round_ in range(10):
+        ready_read, ready_write = os.pipe()
+        worker = ORIGINALS["os.fork"]()
+        if worker == 0:
+            os.close(ready_read)
+            for n in range(2000):
+                with idpin.request(msg=MSG + n):  # left unconsumed: the knob is consumed
+                    pass
+                if n == 0:
+                    os.write(ready_write, b"r")
+            os._exit(0)
+        os.close(ready_write)
+        os.read(ready_read, 1)
+        os.close(ready_read)
+        time.sleep(rnd.uniform(0, 0.01))
+        os.kill(worker, signal.SIGKILL)
+        reap(worker)
+        assert testing.leftovers() == [] or testing.leftovers() == [
+            "msg objects with ids %d" % filler]
+        assert read_limit("msgmni") == "1" and _knob_idle("msg")
+        assert list(ids_present("msg")) == [filler]
+    ipc.remove("msg", filler)
