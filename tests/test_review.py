@@ -378,3 +378,54 @@ def test_a_holder_killed_at_random_while_consuming_a_knob_in_a_full_namespace_le
         assert read_limit("msgmni") == "1" and _knob_idle("msg")
         assert list(ids_present("msg")) == [filler]
     ipc.remove("msg", filler)
+
+
+# -- running out of fds around the first fork (the one that arms the C path) -------------
+
+
+def fork_with_fds_left(mechanism, free):
+    """In a fresh child with only ``free`` fds left: idpin.fork's outcome, and whether a
+    child with the pid exists when it raised."""
+    import resource
+
+    from idpin.interpose import ORIGINALS
+
+    read_end, write_end = os.pipe()
+    tester = ORIGINALS["os.fork"]()
+    if tester == 0:
+        os.close(read_end)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        fillers = []
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in fillers[len(fillers) - free:] if free else []:
+            os.close(fd)
+        try:
+            child = idpin.fork(pid=PID + 70, mechanism=mechanism)
+            if child == 0:
+                os._exit(0)
+            outcome = b"ok" if child == PID + 70 and reap(child) == 0 else b"wrong"
+        except OSError:
+            outcome = b"raised, no child"
+            if pids.pid_in_use(PID + 70):
+                outcome = b"raised, child left"
+                reap(PID + 70)
+        os.write(write_end, outcome)
+        os._exit(0)
+    os.close(write_end)
+    outcome = os.read(read_end, 100).decode()
+    os.close(read_end)
+    assert reap(tester) == 0
+    return outcome
+
+
+@pytest.mark.parametrize("mechanism", [None, "ns_last_pid"])
+def test_a_fork_that_runs_out_of_fds_while_arming_the_c_path_is_not_an_error(backend, mechanism):
+    # Arming the C path opens fds after the fork was made: an EMFILE there
+    # was raised to the caller while the child ran on.
+    outcomes = [fork_with_fds_left(mechanism, free) for free in range(6)]
+    assert "raised, child left" not in outcomes and "wrong" not in outcomes, outcomes
+    assert outcomes[-1] == "ok"
