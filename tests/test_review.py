@@ -429,3 +429,80 @@ def test_a_fork_that_runs_out_of_fds_while_arming_the_c_path_is_not_an_error(bac
     outcomes = [fork_with_fds_left(mechanism, free) for free in range(6)]
     assert "raised, child left" not in outcomes and "wrong" not in outcomes, outcomes
     assert outcomes[-1] == "ok"
+
+
+# -- a forked child: lazy forgetting, exec ----------------------------------------------
+
+
+def test_a_child_forked_inside_a_tid_block_uses_idpin_from_several_threads_at_once(backend):
+    fork_exact(PID, mechanism="ns_last_pid")  # the parent's state: paths armed, fds cached
+    results_read, results_write = os.pipe()
+    with idpin.request(tid=PID + 400):  # holds the pid lock, ns_last_pid armed for the tid
+        child = os.fork()
+        if child == 0:
+            os.close(results_read)
+
+            together = threading.Barrier(4)
+
+            def work(index):
+                try:
+                    together.wait(10)  # every thread made (a tid each) before any fork
+                    grandchild = idpin.fork(pid=PID + 500 + index)
+                    if grandchild == 0:
+                        os._exit(0)
+                    sem = (index << 15) | 300
+                    with idpin.request(sem=sem):
+                        got = idpin.ipc.semget(idpin.ipc.IPC_PRIVATE, 1, 0o600)
+                    idpin.ipc.remove("sem", got)
+                    ok = grandchild == PID + 500 + index and reap(grandchild) == 0 and got == sem
+                except BaseException:
+                    ok = False
+                os.write(results_write, b"1" if ok else b"0")
+
+            workers = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(20)
+            os._exit(0)
+        # The child's forks wait for this block (its parent's) to end.
+        started = threading.Thread(target=lambda: None)
+        started.start()
+        started.join()
+    os.close(results_write)
+    results = b""
+    while len(results) < 4:
+        chunk = os.read(results_read, 4)
+        if not chunk:
+            break
+        results += chunk
+    os.close(results_read)
+    assert reap(child) == 0
+    assert started.native_id == PID + 400 and results == b"1111"
+
+
+# Exits 1 if it holds an fd of the kind idpin keeps (namespace files, /proc files,
+# POSIX queues); the test harness's own inherited fds are neither.
+EXEC_CHECKS_FDS = """
+import os, sys
+targets = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        targets.append(os.readlink("/proc/self/fd/" + fd))
+    except OSError:
+        pass  # the listing's own fd, closed by now
+sys.exit(1 if any(t.startswith(("pid:", "ipc:", "/proc/", "/dev/mqueue")) for t in targets) else 0)
+"""
+
+
+def test_a_child_of_the_c_path_that_execs_keeps_no_fd_of_idpins(backend):
+    import sys
+
+    fork_exact(PID, mechanism="ns_last_pid")  # both paths armed, idpin's fds open
+    with idpin.request(msg=(2 << 15) | 9):
+        pass
+    with second_thread():
+        child = idpin.fork(pid=PID + 10)  # the C knob path, with a thread beside it
+        if child == 0:
+            os.execv(sys.executable, [sys.executable, "-c", EXEC_CHECKS_FDS])
+    assert child == PID + 10 and reap(child) == 0
