@@ -506,3 +506,45 @@ def test_a_child_of_the_c_path_that_execs_keeps_no_fd_of_idpins(backend):
         if child == 0:
             os.execv(sys.executable, [sys.executable, "-c", EXEC_CHECKS_FDS])
     assert child == PID + 10 and reap(child) == 0
+
+
+def test_threads_forking_on_the_c_knob_path_beside_a_thread_making_tid_blocks_all_get_exact_ids(
+        backend):
+    fork_exact(PID, mechanism="ns_last_pid")  # armed (Cython): the threads below use it
+    errors, tids = [], []
+    together = threading.Barrier(3)  # every thread made (a tid each) before any allocation
+
+    def forker(base):
+        try:
+            together.wait(10)
+            for pid in range(base, base + 40):
+                child = idpin.fork(pid=pid)
+                if child == 0:
+                    os._exit(0 if os.getpid() == pid else 1)
+                if child != pid or reap(child) != 0:
+                    errors.append((pid, child))
+        except BaseException as err:
+            errors.append(repr(err))
+
+    def tid_maker():
+        try:
+            together.wait(10)
+            for tid in range(PID + 3000, PID + 3040):
+                with idpin.request(tid=tid):
+                    started = threading.Thread(target=lambda: None)
+                    started.start()
+                started.join()
+                tids.append(started.native_id == tid)
+        except BaseException as err:
+            errors.append(repr(err))
+
+    # Ranges far apart: each thread's allocations move the cursor past its own only.
+    workers = [threading.Thread(target=forker, args=(PID + 1000,)),
+               threading.Thread(target=forker, args=(PID + 2000,)),
+               threading.Thread(target=tid_maker)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not any(worker.is_alive() for worker in workers)
+    assert errors == [] and tids == [True] * 40
