@@ -548,3 +548,61 @@ def test_threads_forking_on_the_c_knob_path_beside_a_thread_making_tid_blocks_al
         worker.join(60)
     assert not any(worker.is_alive() for worker in workers)
     assert errors == [] and tids == [True] * 40
+
+
+def test_a_storm_of_raising_signals_during_create_many_leaves_all_or_nothing(backend):
+    import signal
+
+    from idpin import ipc
+
+    class Tick(Exception):
+        pass
+
+    ticks, inside = [], [False]
+
+    def tick(signum, frame):
+        ticks.append(signum)
+        if inside[0] and len(ticks) % 2:
+            raise Tick()
+
+    previous = signal.signal(signal.SIGALRM, tick)
+    made = interrupted = 0
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        for round_ in range(150):
+            specs = [ipc.Spec(("sem", "shm", "msg")[n % 3], (round_ % 60 << 15) | (400 + n),
+                              key=0x7000 + n) for n in range(6)]
+            try:
+                inside[0] = True
+                got = ipc.create_many(specs)
+                inside[0] = False
+                assert got == [spec.id for spec in specs]
+                made += 1
+            except Tick:
+                inside[0] = False
+                interrupted += 1
+            # Either the whole batch exists (made, or interrupted just after it
+            # returned) or none of it: never a part.
+            present = [spec.id in ids_present(spec.kind) for spec in specs]
+            assert present in ([True] * 6, [False] * 6), present
+            if present[0]:
+                for spec in specs:
+                    ipc.remove(spec.kind, spec.id)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert made > 0 and interrupted > 0
+    assert all(_knob_idle(kind) for kind in ("sem", "shm", "msg"))
+
+
+def test_a_raised_pid_max_after_arming_gives_the_new_range_exactly(backend):
+    with open("/proc/sys/kernel/pid_max", "w") as f:
+        f.write(str(PID + 100))  # this test's own pid namespace
+    fork_exact(PID)  # armed with the lowered pid_max
+    fork_exact(PID + 1, mechanism="ns_last_pid")
+    with open("/proc/sys/kernel/pid_max", "w") as f:
+        f.write(str(PID + 1000))
+    fork_exact(PID + 500)  # above the pid_max the C path was armed with
+    fork_exact(PID + 501, mechanism="ns_last_pid")
+    with second_thread():
+        fork_exact(PID + 502)
