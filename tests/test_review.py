@@ -604,5 +604,5 @@ def test_a_raised_pid_max_after_arming_gives_the_new_range_exactly(backend):
         f.write(str(PID + 1000))
     fork_exact(PID + 500)  # above the pid_max the C path was armed with
     fork_exact(PID + 501, mechanism="ns_last_pid")
-    with second_thread():
-        fork_exact(PID + 502)
+    with second_thread():  # takes the pid after the cursor: stay clear of it
+        fork_exact(PID + 510)
