@@ -1559,6 +1559,11 @@ cdef bint _knob_armed = False
 cdef int _knob_lock_fd = -1
 cdef int _knob_fd = -1
 cdef bytes _knob_record = None
+cdef unsigned long _knob_pid_namespace = 0
+# Whether a thread is inside _knob_fork_locked: it can let the GIL go (at-fork
+# hooks) while it holds the flock, and a flock is its description's, so another
+# thread locking or unlocking _knob_lock_fd would share or drop it.
+cdef bint _knob_in_use = False
 cdef object _fast_slow = None
 cdef object _fast_door_exit = None
 cdef object _fast_undo = None
@@ -1587,14 +1592,24 @@ def arm_fast_fork(task_fd, pid_max, tid_offset, main_thread):
 
 def arm_fast_knob_fork(lock_fd, knob_fd, record_name):
     """Let fork() make knob-path forks too (see _knob_fork_locked)."""
-    global _knob_armed, _knob_lock_fd, _knob_fd, _knob_record
+    global _knob_armed, _knob_lock_fd, _knob_fd, _knob_record, _knob_pid_namespace
     _knob_lock_fd, _knob_fd, _knob_record = lock_fd, knob_fd, os.fsencode(record_name)
+    _knob_pid_namespace = os.fstat(lock_fd).st_ino  # lock_fd is /proc/self/ns/pid's
     _knob_armed = True
 
 
 def disarm_fast_fork():
     global _fast_armed, _knob_armed
     _fast_armed = _knob_armed = False
+
+
+def forget_fast_fork_in_child():
+    """In a forked child: its task fd and thread count are not its parent's, and a
+    fork made by another thread while the main thread was inside fork() (letting
+    the GIL go in an at-fork hook) must not leave the child holding every signal."""
+    global _inside_fast_fork
+    _inside_fast_fork = False
+    disarm_fast_fork()
 
 
 def fast_fork_armed():
@@ -1622,9 +1637,19 @@ cdef int _fast_mechanism(pid, mechanism, long *value):
     if (_clone3_armed and st.st_nlink == 3 and main
             and (mechanism is None or mechanism == "clone3")):
         return FAST_CLONE3
-    if _knob_armed and (mechanism == "ns_last_pid" or (mechanism is None and st.st_nlink > 3)):
+    if (_knob_armed and (mechanism == "ns_last_pid" or (mechanism is None and st.st_nlink > 3))
+            and _children_born_here()):
         return FAST_KNOB
     return FAST_NONE
+
+
+cdef bint _children_born_here():
+    """Whether this process's children are born in its own pid namespace: after
+    unshare(CLONE_NEWPID) they are not, ns_last_pid cannot reach theirs, and the
+    Python path refuses (the link is missing while that namespace has no init)."""
+    cdef libc_stat.struct_stat st
+    return (libc_stat.stat(b"/proc/self/ns/pid_for_children", &st) == 0
+            and st.st_ino == _knob_pid_namespace)
 
 
 cdef enum:
@@ -1634,6 +1659,20 @@ cdef enum:
 
 
 cdef long _knob_fork_locked(long want, bint *refused) except? -2:
+    """_knob_fork_flocked, unless another thread of this process is inside it (then
+    ``*refused``: the Python path waits for the lock on a description of its own)."""
+    global _knob_in_use
+    if _knob_in_use:
+        refused[0] = True
+        return -1
+    _knob_in_use = True
+    try:
+        return _knob_fork_flocked(want, refused)
+    finally:
+        _knob_in_use = False
+
+
+cdef long _knob_fork_flocked(long want, bint *refused) except? -2:
     """The knob path as idpin's Python path makes it, in one step: the pid lock
     (never waited for), the cursor record, ns_last_pid, fork, and back.
 
@@ -1722,7 +1761,10 @@ def fork(pid=None, mechanism=None):
     # A signal arriving from here (an at-fork hook's, one during the fork) is
     # held, as inside any of idpin's doors, and delivered below. Only the main
     # thread runs Python handlers: another thread holds nothing.
-    _inside_fast_fork = main
+    # Only the thread that set it clears it: another thread's fork (the GIL can
+    # be let go in an at-fork hook) must not end the main thread's hold.
+    if main:
+        _inside_fast_fork = True
     if how == FAST_CLONE3:
         child = _clone3_raw(&tid, 1, _fast_tid_offset, 0, &code)
     else:
@@ -1732,18 +1774,23 @@ def fork(pid=None, mechanism=None):
         _fast_armed = False  # the child's fd and thread count are not these
         return 0
     if child < 0:
-        _inside_fast_fork = False
+        if main:
+            _inside_fast_fork = False
         return _fast_slow(pid, mechanism)  # tried again, translated or explained there
     try:
         # Idpin's handler wrappers hold what arrived; a handler installed
         # around them runs now, and if it raises the caller never gets the child.
         PyErr_CheckSignals()
     except BaseException:
-        _inside_fast_fork = False
+        if main:
+            _inside_fast_fork = False
         finish(_fast_undo, child)
         raise
-    _inside_fast_fork = False
-    if child != value:
+    if main:
+        _inside_fast_fork = False
+    if how == FAST_KNOB and child != value:
+        # (clone3 set_tid gives that pid or fails; after unshare(CLONE_NEWPID) it is
+        # the child's own namespace's, and the parent sees another.)
         # A fork outside the lock took the cursor: that child exits at once; the
         # Python path retries, or says why not.
         finish(_fast_undo, child)

@@ -795,7 +795,7 @@ def _as_spec(item, position):
 
 def _plain_spec(kind, id, key, size, mode):
     """Whether a Spec's fields are plain ints in range (what _as_spec checks at length)."""
-    return (kind in _ARG_RANGES and type(id) is int and 0 <= id <= INT_MAX
+    return (type(kind) is str and kind in _ARG_RANGES and type(id) is int and 0 <= id <= INT_MAX
             and type(key) is int and _KEY_RANGE[0] <= key <= _KEY_RANGE[1]
             and type(mode) is int and 0 <= mode <= 0o777
             and (kind == "msg" or (type(size) is int and 0 <= size <= _ARG_RANGES[kind][2])))

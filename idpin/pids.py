@@ -178,13 +178,20 @@ def _arm_fast_path(knob_namespace=None):
     Namespace): it reads what it needs from C variables."""
     if _fast is None or _sys.BACKEND != "cython":
         return
-    _fast.arm_fast_fork(knobs.task_directory(), namespace_pid_max(),
-                        None if _clone3_missing else _tid_offset, threading.main_thread().ident)
-    if knob_namespace is not None:
-        # A description of the namespace file of its own: its flock excludes
-        # every other holder, this process's threads included.
-        _fast.arm_fast_knob_fork(knob_namespace.reader("/proc/self/ns/pid"),
-                                 knob_namespace.knob("ns_last_pid"), _cursor_record(knob_namespace))
+    # Called once the fork is made: a failure here (EMFILE, say) must not turn
+    # it into an error while the child runs; the path stays unarmed, the next
+    # fork tries again.
+    try:
+        _fast.arm_fast_fork(knobs.task_directory(), namespace_pid_max(),
+                            None if _clone3_missing else _tid_offset, threading.main_thread().ident)
+        if knob_namespace is not None:
+            # A description of the namespace file of its own: its flock excludes
+            # every other holder, this process's threads included.
+            _fast.arm_fast_knob_fork(knob_namespace.reader("/proc/self/ns/pid"),
+                                     knob_namespace.knob("ns_last_pid"),
+                                     _cursor_record(knob_namespace))
+    except OSError:
+        pass
 
 
 def _disarm_fast_path():
@@ -209,7 +216,7 @@ else:
     signals.inside_c_door = _fast.inside_fast_fork
     # A forked child's task directory and thread count are not its parent's;
     # another backend makes its own forks.
-    knobs.ON_CHILD.append(_fast.disarm_fast_fork)
+    knobs.ON_CHILD.append(_fast.forget_fast_fork_in_child)
     _sys.ON_USE.append(_fast.disarm_fast_fork)
     _fast.fork.__doc__ = fork.__doc__
     if not TYPE_CHECKING:  # type checkers keep the Python path's signature: the same
