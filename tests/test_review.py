@@ -450,7 +450,7 @@ def test_a_child_forked_inside_a_tid_block_uses_idpin_from_several_threads_at_on
                     grandchild = idpin.fork(pid=PID + 500 + index)
                     if grandchild == 0:
                         os._exit(0)
-                    sem = (index << 15) | 300
+                    sem = (1 << 15) | (300 + index)  # an index each: only one object per index
                     with idpin.request(sem=sem):
                         got = idpin.ipc.semget(idpin.ipc.IPC_PRIVATE, 1, 0o600)
                     idpin.ipc.remove("sem", got)
