@@ -177,6 +177,13 @@ def _clone3_fork(set_tid, tid_offset, extra_flags):
 _fork_call = _libc_gil.fork
 _fork_call.restype = ctypes.c_int
 _getpid_call = _libc_gil.getpid
+# pwrite that keeps the GIL (os.pwrite lets it go): between PyOS_BeforeFork
+# and the fork no other thread may run, so none can be half-way through
+# handing the GIL over when the child is made (the child copies that state,
+# and runs bytecode before PyOS_AfterFork_Child re-initializes it).
+_pwrite_holding_gil = _libc_gil.pwrite
+_pwrite_holding_gil.restype = ctypes.c_ssize_t
+_pwrite_holding_gil.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
 
 
 def knob_fork(knob_fd, pid):
@@ -190,12 +197,12 @@ def knob_fork(knob_fd, pid):
     data = b"%d" % (pid - 1)
     previous = _block_signals()
     _api.PyOS_BeforeFork()
-    try:
-        written = os.pwrite(knob_fd, data, 0)
-    except BaseException:
+    written = _pwrite_holding_gil(knob_fd, data, len(data), 0)
+    if written < 0:
+        code = ctypes.get_errno()
         _api.PyOS_AfterFork_Parent()
         _restore_signals(previous)
-        raise
+        raise OSError(code, os.strerror(code))
     if written != len(data):
         _api.PyOS_AfterFork_Parent()
         _restore_signals(previous)
