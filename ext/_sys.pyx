@@ -177,6 +177,10 @@ cdef long _clone3_raw(const int *tids, Py_ssize_t n, Py_ssize_t offset, uint64_t
     return pid
 
 
+cdef enum:
+    KNOB_NOT_WRITTEN = -2
+
+
 def knob_fork(knob_fd, pid):
     """glibc's fork() with ns_last_pid armed to ``pid - 1`` just before it.
 
@@ -188,31 +192,42 @@ def knob_fork(knob_fd, pid):
     Returns 0 in the child and the child's pid in the parent.
     """
     data = b"%d" % (pid - 1)
-    cdef int cfd = knob_fd
-    cdef int want = pid
-    cdef const char *cdata = data
-    cdef size_t size = len(data)
-    cdef ssize_t written
-    cdef int child, code
-    # The GIL is held throughout, as os.fork holds it across fork().
-    PyOS_BeforeFork()
-    written = _pwrite_at_zero(cfd, cdata, size)
-    if written < 0 or <size_t>written != size:
-        code = errno if written < 0 else EIO
-        PyOS_AfterFork_Parent()
-        if written < 0:
+    cdef int code = 0
+    cdef int child = _knob_fork_raw(knob_fd, data, len(data), pid, &code)
+    if child == KNOB_NOT_WRITTEN:
+        if code:
             raise _stdlib_error(code)
         raise OSError(EIO, "short write of %d to a knob" % (pid - 1))
+    if child < 0:
+        raise OSError(code, "fork: %s" % os.strerror(code))
+    return child
+
+
+cdef int _knob_fork_raw(int knob_fd, const char *value, size_t size, int want,
+                        int *code) noexcept:
+    """PyOS_BeforeFork, the knob armed to ``value``, fork(), the after step.
+
+    The GIL is held throughout, as os.fork holds it across fork(). Returns 0
+    in the child (a child born with a pid other than ``want`` exits with 125
+    first), the child's pid, -1 with ``*code`` the fork's errno, or
+    KNOB_NOT_WRITTEN with ``*code`` the write's errno (0: a short write).
+    """
+    cdef ssize_t written
+    cdef int child
+    PyOS_BeforeFork()
+    written = _pwrite_at_zero(knob_fd, value, size)
+    if written < 0 or <size_t>written != size:
+        code[0] = errno if written < 0 else 0
+        PyOS_AfterFork_Parent()
+        return KNOB_NOT_WRITTEN
     child = c_fork()
     if child == 0:
         if getpid() != want:
             _exit(125)
         PyOS_AfterFork_Child()
         return 0
-    code = errno
+    code[0] = errno
     PyOS_AfterFork_Parent()
-    if child < 0:
-        raise OSError(code, "fork: %s" % os.strerror(code))
     return child
 
 
@@ -1683,7 +1698,8 @@ cdef long _knob_fork_flocked(long want, bint *refused) except? -2:
     """
     cdef char text[64]
     cdef char previous_text[32]
-    cdef int size, child, written
+    cdef int size, child
+    cdef int code = 0
     cdef ssize_t got
     cdef long previous
     cdef mq_attr attr
@@ -1718,22 +1734,13 @@ cdef long _knob_fork_flocked(long want, bint *refused) except? -2:
     else:
         mq_close(record)
     size = snprintf(text, sizeof(text), "%ld", want - 1)
-    PyOS_BeforeFork()
-    written = _pwrite_at_zero(_knob_fd, text, size)
-    if written != size:
-        PyOS_AfterFork_Parent()
-        child = -1
+    child = _knob_fork_raw(_knob_fd, text, size, <int>want, &code)
+    if child == 0:
+        return 0
+    if child < 0:
+        child = -1  # not written, or no fork: the Python path explains
     else:
         refused[0] = False
-        child = c_fork()
-        if child == 0:
-            if getpid() != want:
-                _exit(125)
-            PyOS_AfterFork_Child()
-            return 0
-        PyOS_AfterFork_Parent()
-        if child < 0:
-            refused[0] = True
     # The knob was consumed by the fork (or never written): the record goes.
     if record >= 0:
         mq_unlink(<const char *>_knob_record)

@@ -118,7 +118,8 @@ def _check_fd_budget(highest):
         )
 
 
-def _close_quietly(*fds):
+def close_quietly(*fds):
+    """Close each fd, ignoring one already closed (an undo that may run twice)."""
     for fd in fds:
         try:
             os.close(fd)
@@ -137,19 +138,19 @@ def _uncredit_master(master):
 def _undo_pair(pair):
     """A held signal's handler raised as the pair was returned: the caller never gets it."""
     _uncredit_master(pair[0])
-    _close_quietly(*pair)
+    close_quietly(*pair)
 
 
 def _undo_pairs(pairs):
     for pair in pairs.values():
-        _close_quietly(*pair)
+        close_quietly(*pair)
 
 
 def _undo_fork(result):
     pid, master = result
     if pid > 0:
         _uncredit_master(master)
-        _close_quietly(master)
+        close_quietly(master)
         pids.undo_fork(pid)
 
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+import idpin
 from idpin.interpose import ORIGINALS
 from idpin.testing import NOBODY
 
@@ -126,3 +127,12 @@ def second_thread():
     finally:
         stop.set()
         parked.join()
+
+
+def fork_exact(pid, **options):
+    """idpin.fork(pid=pid) gives exactly ``pid``, in parent and child; reaped."""
+    child = idpin.fork(pid=pid, **options)
+    if child == 0:
+        child_exits_with(lambda: os.getpid() == pid == threading.get_native_id())
+    assert child == pid
+    assert reap(child) == 0

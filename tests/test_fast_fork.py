@@ -11,17 +11,9 @@ import pytest
 import idpin
 from idpin import _sys, knobs, pids
 
-from helpers import child_exits_with, flock_held_elsewhere, reap, second_thread
+from helpers import child_exits_with, flock_held_elsewhere, fork_exact, reap, second_thread
 
 PID = 32001
-
-
-def fork_exact(pid, **options):
-    child = idpin.fork(pid=pid, **options)
-    if child == 0:
-        child_exits_with(lambda: os.getpid() == pid == threading.get_native_id())
-    assert child == pid
-    assert reap(child) == 0
 
 
 def test_the_first_explicit_pid_fork_arms_the_c_path_and_later_ones_are_exact(backend):

@@ -1,7 +1,9 @@
 """Adversarial review of issue 9's fast paths (idpin.fork in C, lazy forgetting,
 cached namespaces, create_many in one call): each test is a way found to make a
 fast path decide differently from the Python path, and what it must do instead."""
+import contextlib
 import os
+import signal
 import threading
 
 import pytest
@@ -9,17 +11,32 @@ import pytest
 import idpin
 from idpin import _sys, pids
 
-from helpers import child_exits_with, reap, second_thread
+from helpers import fork_exact, reap, second_thread
 
 PID = 31001
 
+class Tick(Exception):
+    pass
 
-def fork_exact(pid, **options):
-    child = idpin.fork(pid=pid, **options)
-    if child == 0:
-        child_exits_with(lambda: os.getpid() == pid == threading.get_native_id())
-    assert child == pid
-    assert reap(child) == 0
+
+@contextlib.contextmanager
+def raising_timer_storm():
+    """SIGALRM every 200 us; its handler raises Tick every other time while
+    ``inside[0]`` is set (yields that one-item list)."""
+    ticks, inside = [], [False]
+
+    def tick(signum, frame):
+        ticks.append(signum)
+        if inside[0] and len(ticks) % 2:
+            raise Tick()
+
+    previous = signal.signal(signal.SIGALRM, tick)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        yield inside
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # -- children born in another pid namespace (unshare(CLONE_NEWPID) after arming) ---------
@@ -119,7 +136,6 @@ def knob_now():
 @pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "threads"])
 def test_a_process_killed_at_random_inside_c_knob_path_forks_leaves_nothing_armed(backend, threads):
     import random
-    import signal
     import time
 
     from idpin import testing
@@ -164,23 +180,9 @@ def test_a_process_killed_at_random_inside_c_knob_path_forks_leaves_nothing_arme
 @pytest.mark.parametrize("mechanism", ["clone3", "ns_last_pid"])
 def test_a_storm_of_raising_signals_during_c_path_forks_hands_out_only_exact_children(
         backend, mechanism):
-    import signal
-
-    class Tick(Exception):
-        pass
-
-    ticks, inside = [], [False]
-
-    def tick(signum, frame):
-        ticks.append(signum)
-        if inside[0] and len(ticks) % 2:
-            raise Tick()
-
     fork_exact(PID, mechanism=mechanism)  # arms the C path (Cython)
-    previous = signal.signal(signal.SIGALRM, tick)
     got, interrupted = [], 0
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    with raising_timer_storm() as inside:
         for pid in range(PID + 1, PID + 151):
             try:
                 inside[0] = True
@@ -194,9 +196,6 @@ def test_a_storm_of_raising_signals_during_c_path_forks_hands_out_only_exact_chi
                 # returned (that child is this test's, lost: reaped below).
                 inside[0] = False
                 interrupted += 1
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     assert got == sorted(set(got)) and all(PID < child <= PID + 150 for child in got)
     assert [reap(child) for child in got] == [0] * len(got)
     lost = []
@@ -214,7 +213,6 @@ def test_a_child_forked_by_another_thread_during_a_c_knob_fork_runs_its_signal_h
     # path (logging's hook waits for its lock, for one); another thread forks
     # then. Its child inherited "the main thread is inside idpin.fork" and
     # held every signal for good: its handlers never ran.
-    import signal
     import time
 
     fork_exact(PID, mechanism="ns_last_pid")
@@ -300,7 +298,6 @@ def test_create_many_stopped_by_a_full_namespace_midway_leaves_nothing(backend):
 
 
 def test_create_many_beside_a_foreign_creator_never_hands_out_a_wrong_object(backend):
-    import signal
 
     from idpin import ipc
     from idpin.interpose import ORIGINALS
@@ -346,7 +343,6 @@ def _knob_idle(kind):
 def test_a_holder_killed_at_random_while_consuming_a_knob_in_a_full_namespace_leaves_nothing(
         backend):
     import random
-    import signal
     import time
 
     from idpin import ipc, testing
@@ -551,24 +547,10 @@ def test_threads_forking_on_the_c_knob_path_beside_a_thread_making_tid_blocks_al
 
 
 def test_a_storm_of_raising_signals_during_create_many_leaves_all_or_nothing(backend):
-    import signal
-
     from idpin import ipc
 
-    class Tick(Exception):
-        pass
-
-    ticks, inside = [], [False]
-
-    def tick(signum, frame):
-        ticks.append(signum)
-        if inside[0] and len(ticks) % 2:
-            raise Tick()
-
-    previous = signal.signal(signal.SIGALRM, tick)
     made = interrupted = 0
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    with raising_timer_storm() as inside:
         for round_ in range(150):
             specs = [ipc.Spec(("sem", "shm", "msg")[n % 3], (round_ % 60 << 15) | (400 + n),
                               key=0x7000 + n) for n in range(6)]
@@ -588,9 +570,6 @@ def test_a_storm_of_raising_signals_during_create_many_leaves_all_or_nothing(bac
             if present[0]:
                 for spec in specs:
                     ipc.remove(spec.kind, spec.id)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     assert made > 0 and interrupted > 0
     assert all(_knob_idle(kind) for kind in ("sem", "shm", "msg"))
 

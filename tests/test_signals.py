@@ -96,6 +96,16 @@ def signal_inside_fork():
         _fork_signal.clear()
 
 
+def a_plain_fork_gets_another_pid_than(armed):
+    """Whether a fork outside idpin (any fork in the namespace) gets a pid other than
+    ``armed``: no knob was left armed for it."""
+    child = ORIGINALS["os.fork"]()
+    if child == 0:
+        os._exit(0)
+    reap(child)
+    return child != armed
+
+
 def exit_with_my_pid_check(want):
     os._exit(0 if os.getpid() == want else 1)
 
@@ -191,11 +201,7 @@ def test_a_handler_raising_while_a_tid_block_arms_unwinds_it_before_the_body():
                 pytest.fail("the block's body ran")
     assert len(ran) == 1 and ran_outside_idpin(ran[0])
     assert not knobs.any_held() and pending("tid") is None
-    child = ORIGINALS["os.fork"]()  # any fork in the namespace: must not get the tid
-    if child == 0:
-        os._exit(0)
-    reap(child)
-    assert child != TID
+    assert a_plain_fork_gets_another_pid_than(TID)
 
 
 def test_a_handler_raising_while_a_block_cleans_up_lets_the_cleanup_finish():
@@ -206,11 +212,7 @@ def test_a_handler_raising_while_a_block_cleans_up_lets_the_cleanup_finish():
                 pass
     assert len(ran) == 1 and ran_outside_idpin(ran[0])
     assert not knobs.any_held()
-    child = ORIGINALS["os.fork"]()
-    if child == 0:
-        os._exit(0)
-    reap(child)
-    assert child != TID
+    assert a_plain_fork_gets_another_pid_than(TID)
 
 
 # -- IPC and ptys -------------------------------------------------------------------------

@@ -84,15 +84,6 @@ def _clone_args(set_tid, flags=0, child_tid=0):
     return args, tids
 
 
-def _get_robust_list():
-    head = ctypes.c_void_p()
-    size = ctypes.c_size_t()
-    if _raw_syscall(ctypes.c_long(_abi.SYS_get_robust_list), ctypes.c_long(0),
-                    ctypes.byref(head), ctypes.byref(size)) != 0:
-        raise _oserror("get_robust_list")
-    return head, size
-
-
 class _ForkScratch(threading.local):
     """What one clone3 fork passes the kernel, built once per thread and reused:
     every object a fork cycle makes or touches costs the parent a page fault

@@ -89,7 +89,7 @@ class Tree:
         """
         if self._open:
             _send(self._to, DETACH)
-            _close_quietly(self._to, self._from)
+            idpin_pty.close_quietly(self._to, self._from)
             self._open = False
 
     def close(self):
@@ -98,9 +98,9 @@ class Tree:
             return
         self._open = False
         _send(self._to, TEAR_DOWN)
-        _close_quietly(self._to)
+        idpin_pty.close_quietly(self._to)
         _wait_restorer(self.restorer, self._from, len(self.plan["processes"]))
-        _close_quietly(self._from)
+        idpin_pty.close_quietly(self._from)
 
     def __enter__(self):
         return self
@@ -115,14 +115,6 @@ def _send(fd, command):
         os.write(fd, command)
     except OSError:
         pass  # the restorer is gone already
-
-
-def _close_quietly(*fds):
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def teardown_seconds(tasks):
@@ -228,9 +220,9 @@ def start(job):
     try:
         info = _await_ready(job, restorer, from_read, deadline)
     except BaseException:
-        _close_quietly(to_write)
+        idpin_pty.close_quietly(to_write)
         _wait_restorer(restorer, from_read, len(job.plan["processes"]))
-        _close_quietly(from_read)
+        idpin_pty.close_quietly(from_read)
         raise
     return Tree(job.plan, not job.here, restorer, to_write, from_read, info)
 
